@@ -1,0 +1,6 @@
+"""Data: loading and validating AlpacaFarm-format records, and the Alpaca prompt format."""
+
+from prefgym.data.loading import load_records, validate_records
+from prefgym.data.prompts import format_prompt, format_record
+
+__all__ = ["load_records", "validate_records", "format_prompt", "format_record"]

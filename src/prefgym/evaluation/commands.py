@@ -1,7 +1,107 @@
-"""`prefgym` sub-commands of this area."""
+"""`prefgym` sub-commands of this area: evaluate, leaderboard, compare, elo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 
 
 def add_commands(app: typer.Typer) -> None:
     """Add this area's sub-commands to the `prefgym` app."""
+
+    @app.command("evaluate")
+    def evaluate_command(
+        model_outputs: Optional[Path] = typer.Argument(None, help="AlpacaEval model_outputs.json (instruction, input?, output, generator)."),
+        reference: Path = typer.Option(..., "--reference", "-r", help="Evaluation set with reference outputs (output, generator)."),
+        model: Optional[Path] = typer.Option(None, "--model", help="A model folder to generate the outputs with (instead of MODEL_OUTPUTS)."),
+        annotators: str = typer.Option("world_pool_noisy", "--annotators", help="Annotator config name or YAML path."),
+        output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Write model_outputs.json, annotations.json, leaderboard.csv here."),
+        generator: Optional[str] = typer.Option(None, "--generator", help="Name of the evaluated model (default: from the outputs)."),
+        seed: int = typer.Option(0, "--seed"),
+        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Durable cache of annotations."),
+        max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="With --model: generation length."),
+        gold: bool = typer.Option(False, "--gold", help="Also report the built-in world's gold win-rate."),
+    ):
+        """Win-rate of a model against the reference outputs, judged by the evaluation annotators."""
+        from prefgym.errors import DataError
+        from prefgym.evaluation.winrate import evaluate
+
+        if model_outputs is None and model is None:
+            raise DataError("give MODEL_OUTPUTS (a model_outputs.json) or --model to generate them")
+        sampling = None
+        if model is not None and model_outputs is None:
+            from prefgym.models.generation import SamplingConfig
+
+            sampling = SamplingConfig(max_new_tokens=max_new_tokens, seed=seed)
+        row = evaluate(model_outputs, reference, model_path=model, out_dir=output_dir, annotators=annotators,
+                       seed=seed, cache_dir=cache_dir, sampling=sampling, generator=generator, gold=gold)
+        typer.echo(f"{row['generator']}: win-rate {row['win_rate']:.2f} ± {row['standard_error']:.2f} "
+                   f"(wins {row['n_wins']}, losses {row['n_wins_base']}, draws {row['n_draws']}, n {row['n_total']}); "
+                   f"LC win-rate {row['length_controlled_winrate']:.2f}; avg length {row['avg_length']}")
+        if gold:
+            typer.echo(f"gold win-rate {row['gold_win_rate']:.2f} ± {row['gold_standard_error']:.2f}")
+
+    @app.command("leaderboard")
+    def leaderboard_command(
+        annotations: List[Path] = typer.Argument(..., help="AlpacaEval annotation files (output_1 = reference, output_2 = model)."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the leaderboard here."),
+        fmt: Optional[str] = typer.Option(None, "--format", "-f", help="md, csv or html (default: from --output's suffix, else md on screen)."),
+        no_lc: bool = typer.Option(False, "--no-lc", help="Skip the length-controlled win-rate."),
+    ):
+        """One row per generator: win-rate ± SE, LC win-rate, counts, average length (AlpacaEval's columns)."""
+        from prefgym.errors import DataError
+        from prefgym.evaluation.leaderboard import FORMATS, leaderboard_from_annotations, to_markdown, write_leaderboard
+
+        if fmt is not None and fmt not in FORMATS:
+            raise DataError(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}")
+        df = leaderboard_from_annotations(annotations, length_controlled=not no_lc)
+        if output is not None:
+            write_leaderboard(df, output, fmt=fmt)
+            typer.echo(f"wrote {output}")
+        if output is None or fmt == "md":
+            typer.echo(df.to_csv() if fmt == "csv" else to_markdown(df), nl=False)
+
+    @app.command("compare")
+    def compare_command(
+        annotations_a: Path = typer.Argument(..., help="Annotations of model A against the reference."),
+        annotations_b: Path = typer.Argument(..., help="Annotations of model B against the same reference."),
+        n_bootstrap: int = typer.Option(2000, "--n-bootstrap"),
+        seed: int = typer.Option(0, "--seed"),
+    ):
+        """Paired comparison of two models on the same instructions (bootstrap, sign test, Wilcoxon)."""
+        from prefgym.evaluation.stats import paired_comparison
+        from prefgym.evaluation.winrate import load_annotations
+
+        r = paired_comparison(load_annotations(annotations_a), load_annotations(annotations_b),
+                              n_bootstrap=n_bootstrap, seed=seed)
+        typer.echo(json.dumps(r, indent=2))
+
+    @app.command("elo")
+    def elo_command(
+        battles: Path = typer.Argument(..., help="Battles (.json/.jsonl): model_a, model_b, winner."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the ratings CSV here."),
+        n_bootstrap: int = typer.Option(100, "--n-bootstrap"),
+        k: float = typer.Option(4.0, "--k", help="Online Elo K-factor."),
+        seed: int = typer.Option(0, "--seed"),
+        anchor: Optional[str] = typer.Option(None, "--anchor", help="MODEL=RATING to pin one Bradley–Terry rating."),
+    ):
+        """Bradley–Terry and online Elo ratings with bootstrap intervals from pairwise battles."""
+        from prefgym.errors import DataError
+        from prefgym.evaluation.ratings import load_battles, ratings_table
+        from prefgym.io import write_text_atomic
+
+        pinned = None
+        if anchor is not None:
+            name, _, value = anchor.rpartition("=")
+            try:
+                pinned = (name, float(value))
+            except ValueError:
+                raise DataError(f"--anchor must be MODEL=RATING, got {anchor!r}") from None
+        table = ratings_table(load_battles(battles), n_bootstrap=n_bootstrap, k=k, seed=seed, anchor=pinned)
+        if output is not None:
+            write_text_atomic(output, table.to_csv())
+            typer.echo(f"wrote {output}")
+        typer.echo(table.round(1).to_string())

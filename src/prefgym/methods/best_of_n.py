@@ -1,7 +1,207 @@
-"""Placeholder until this method lands."""
+"""Best-of-n: sample n outputs per instruction from a policy, keep the one the reward model ranks first.
 
+AlpacaFarm's inference-time method (also called rejection sampling or reranking): it produces
+outputs, not weights. For each instruction the policy draws n samples in one `generate` call
+(num_return_sequences), the reward model scores all of them in batches, and the output with the
+highest reward is kept (the first one on ties). Expert iteration fine-tunes on these outputs.
+
+Work goes in chunks of `chunk_size` instructions; each finished chunk is appended to
+`<output_file>.partial.jsonl`, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
 import typer
+
+from prefgym.errors import ConfigError
+
+
+@dataclass
+class BestOfNConfig:
+    """Best-of-n sampling settings (AlpacaFarm: temperature 1.0; n from 1 to 1024, 16 a good default)."""
+
+    policy_model: str = ""
+    """Policy to sample from (save_pretrained folder or Hub name), e.g. the SFT model."""
+    reward_model: str = ""
+    """Reward model folder (as written by `prefgym reward-model`) that ranks the samples."""
+    data: str = ""
+    """Instructions (records with instruction, input): .json/.jsonl, datasets folder or Hub name."""
+    split: Optional[str] = None
+    """Split of `data` when it is a folder or Hub dataset (e.g. unlabeled, eval)."""
+    output_file: str = "runs/best_of_n/outputs.json"
+    """Where the AlpacaEval-format outputs go (instruction, input, output, generator, ...)."""
+    n: int = 16
+    """Samples per instruction; the best of them is kept."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = 300
+    """Most tokens per sample."""
+    generation_batch_size: int = 8
+    """Prompts per `generate` call (each yields n sequences)."""
+    scoring_batch_size: int = 32
+    """(instruction, sample) pairs per reward-model forward pass."""
+    chunk_size: int = 64
+    """Instructions per resumable chunk (one line group in the .partial.jsonl file)."""
+    max_examples: int = -1
+    """Use only the first this many instructions; -1: all."""
+    generator: Optional[str] = None
+    """Name written in the `generator` field (default: best_of_<n>_<policy folder name>)."""
+    seed: int = 0
+    """Seed of the sampling."""
+    keep_samples: bool = True
+    """Also write every sample (`outputs`) and its reward (`rewards`) per instruction."""
+    resume: bool = True
+    """Continue from `<output_file>.partial.jsonl` when it exists (False: start over)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def best_of_n(model, tokenizer, records: list[dict], reward_fn: Callable[[list[dict]], np.ndarray],
+              n: int, sampling=None, generator: str = "best_of_n") -> list[dict]:
+    """The best of `n` samples per record under `reward_fn` (records -> rewards array).
+
+    `sampling` is a `SamplingConfig` (its num_samples is set to `n`). Returns one
+    AlpacaEval-format record per input record: `output` (the best sample), `reward` (its reward),
+    `outputs` (all n samples), `rewards` (theirs) and `best_index`.
+    """
+    from prefgym.data.prompts import format_record
+    from prefgym.models.generation import SamplingConfig, generate
+
+    sampling = dataclasses.replace(sampling or SamplingConfig(), num_samples=n)
+    samples = generate(model, tokenizer, [format_record(r) for r in records], sampling)  # len(records) x n
+    candidates = [{"instruction": r["instruction"], "input": r.get("input") or "", "output": s}
+                  for r, group in zip(records, samples) for s in group]
+    rewards = np.asarray(reward_fn(candidates), dtype=float).reshape(len(records), n)
+    best = rewards.argmax(axis=1)  # first maximum on ties
+    return [{**r, "input": r.get("input") or "", "output": group[b], "generator": generator,
+             "reward": float(rew[b]), "outputs": list(group), "rewards": rew.tolist(), "best_index": int(b)}
+            for r, group, rew, b in zip(records, samples, rewards, best)]
+
+
+def run(cfg: BestOfNConfig) -> Path:
+    """Best-of-n outputs for every instruction of `cfg.data`; returns the path of `cfg.output_file`.
+
+    Writes `output_file` (JSON list, AlpacaEval format) and `<output_file stem>.metrics.jsonl`
+    (per chunk: mean best reward, mean reward of all samples, seconds).
+    """
+    from prefgym.data import load_records
+    from prefgym.io import append_jsonl, read_records, write_json
+    from prefgym.methods.reward_model import RewardScorer
+    from prefgym.models import load_model_and_tokenizer
+    from prefgym.models.generation import SamplingConfig
+    from prefgym.seeding import stable_hash
+
+    for key in ("policy_model", "reward_model", "data"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"best-of-n: '{key}' is required")
+    if cfg.n < 1:
+        raise ConfigError(f"best-of-n: n must be at least 1, got {cfg.n}")
+    out = Path(cfg.output_file)
+    partial = out.with_name(out.name + ".partial.jsonl")
+    metrics_file = out.with_name(out.stem + ".metrics.jsonl")
+    generator = cfg.generator or f"best_of_{cfg.n}_{Path(cfg.policy_model).name}"
+
+    records = load_records(cfg.data, split=cfg.split, required=("instruction",))
+    if cfg.max_examples >= 0:
+        records = records[:cfg.max_examples]
+    done = read_records(partial) if cfg.resume and partial.exists() else []
+    if not cfg.resume:
+        partial.unlink(missing_ok=True)
+        metrics_file.unlink(missing_ok=True)
+
+    model, tokenizer = load_model_and_tokenizer(cfg.policy_model, device="auto", padding_side="left")
+    scorer = RewardScorer(cfg.reward_model, device=model.device, batch_size=cfg.scoring_batch_size)
+    chunks = range(len(done), len(records), cfg.chunk_size)
+    with _progress(cfg.progress, len(records), len(done)) as advance:
+        for start in chunks:
+            t0 = time.perf_counter()
+            chunk = records[start:start + cfg.chunk_size]
+            # Seeded per chunk, so a resumed run draws what an uninterrupted one would have; the
+            # first chunk uses the seed itself (one chunk with n=1 is plain sampling, `generate_outputs`).
+            seed = cfg.seed if start == 0 else stable_hash(cfg.seed, "best-of-n-chunk", start)
+            sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                      batch_size=cfg.generation_batch_size, seed=seed)
+            rows = best_of_n(model, tokenizer, chunk, scorer.score, cfg.n, sampling, generator)
+            for row in rows:
+                append_jsonl(partial, row)
+            append_jsonl(metrics_file, {"examples_done": start + len(chunk),
+                                        "best_reward": float(np.mean([r["reward"] for r in rows])),
+                                        "mean_reward": float(np.mean([r["rewards"] for r in rows])),
+                                        "seconds": round(time.perf_counter() - t0, 2)})
+            advance(len(chunk))
+
+    rows = read_records(partial)
+    if not cfg.keep_samples:
+        rows = [{k: v for k, v in r.items() if k not in ("outputs", "rewards")} for r in rows]
+    write_json(out, rows)
+    partial.unlink(missing_ok=True)
+    return out
+
+
+def _progress(enabled: bool, total: int, completed: int):
+    """A context giving `advance(k)`: a rich progress bar over instructions, or nothing."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def bar():
+        if not enabled:
+            yield lambda k: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("best-of-n"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as p:
+            task = p.add_task("best-of-n", total=total, completed=completed)
+            yield lambda k: p.update(task, advance=k)
+
+    return bar()
 
 
 def add_commands(app: typer.Typer) -> None:
-    """Add this method's sub-command(s) to the `prefgym` app."""
+    """Add `prefgym best-of-n` to the `prefgym` app."""
+
+    @app.command("best-of-n")
+    def best_of_n_command(
+        config: Optional[Path] = typer.Option(None, "--config", help="YAML file of BestOfNConfig fields (flags override it)."),
+        policy: Optional[str] = typer.Option(None, "--policy", help="Policy model folder to sample from (e.g. the SFT model)."),
+        reward_model: Optional[str] = typer.Option(None, "--reward-model", help="Reward model folder that ranks the samples."),
+        data: Optional[str] = typer.Option(None, "--data", help="Instructions: .json/.jsonl, datasets folder or Hub name."),
+        split: Optional[str] = typer.Option(None, "--split", help="Split of --data when it is a folder (e.g. eval, unlabeled)."),
+        out: Optional[str] = typer.Option(None, "--out", help="Output file (default: runs/best_of_n/outputs.json)."),
+        n: Optional[int] = typer.Option(None, "--n", help="Samples per instruction (default: 16)."),
+        temperature: Optional[float] = typer.Option(None, help="Sampling temperature (default: 1.0)."),
+        max_new_tokens: Optional[int] = typer.Option(None, help="Most tokens per sample (default: 300)."),
+        max_examples: Optional[int] = typer.Option(None, help="Only the first N instructions."),
+        seed: Optional[int] = typer.Option(None, help="Sampling seed (default: 0)."),
+        resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue an interrupted run (default: resume)."),
+        set_: list[str] = typer.Option([], "--set", help="Any BestOfNConfig field, key=value (repeatable)."),
+    ) -> None:
+        """Best-of-n sampling: n samples per instruction from --policy, keep the one --reward-model likes best.
+
+        Reads: --policy (causal LM folder), --reward-model (reward model folder), --data
+        (records with instruction, input).
+
+        Writes --out: AlpacaEval-format outputs (instruction, input, output, generator, plus
+        reward, outputs, rewards, best_index), and <out stem>.metrics.jsonl. Produces outputs,
+        not weights: evaluate the file directly. Rerun the same command to resume.
+        """
+        from prefgym.methods import common
+
+        overrides = {**common.parse_overrides(set_), "policy_model": policy, "reward_model": reward_model,
+                     "data": data, "split": split, "output_file": out, "n": n, "temperature": temperature,
+                     "max_new_tokens": max_new_tokens, "max_examples": max_examples, "seed": seed,
+                     "resume": resume}
+        cfg = common.load_config(BestOfNConfig, config, overrides)
+        path = run(cfg)
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        mean = np.mean([r["reward"] for r in rows]) if rows else float("nan")
+        typer.echo(f"wrote {path} ({len(rows)} outputs, mean best reward {mean:.3f})")

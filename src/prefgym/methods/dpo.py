@@ -1,7 +1,269 @@
-"""Placeholder until this method lands."""
+"""Direct preference optimisation (DPO, Rafailov et al. 2023) and IPO (Azar et al. 2023).
 
+With h = [log π(y_w|x) - log π_ref(y_w|x)] - [log π(y_l|x) - log π_ref(y_l|x)] (sums over the
+response tokens, y_w the preferred output):
+  sigmoid (DPO): loss = -log σ(β h)
+  ipo:           loss = (h - 1 / (2β))²
+The reference log-probs do not change during training, so they are computed once, before the
+first step, by the policy itself (which starts as the reference) and cached in the output folder:
+no reference model is held in memory while training. Ties carry no preference and are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
 import typer
+
+from prefgym.data.prompts import format_prompt
+from prefgym.errors import ConfigError, DataError
+from prefgym.io import append_jsonl, atomic_path
+from prefgym.methods import common
+from prefgym.seeding import rng_for, seed_everything
+
+
+@dataclass
+class DPOConfig:
+    model_name_or_path: str = ""
+    """SFT model folder (or hub name): the starting policy and, by default, the reference."""
+    reference_model: str = ""
+    """Reference model if not the starting policy (its log-probs are computed once, then it is freed)."""
+    preference_file: str = ""
+    """Pairs with instruction, input, output_1, output_2, preference (AlpacaFarm format)."""
+    output_dir: str = ""
+    """Where the policy (save_pretrained), metrics.jsonl, reference log-probs and checkpoints go."""
+    loss_type: str = "sigmoid"
+    """'sigmoid' (DPO) or 'ipo'."""
+    beta: float = 0.1
+    """Strength of the implicit KL constraint (DPO's β; IPO's regulariser τ)."""
+    epochs: int = 2
+    """Passes over the pairs."""
+    lr: float = 1e-6
+    """AdamW learning rate (constant after warmup)."""
+    warmup_steps: int = 0
+    """Steps of linear learning-rate warmup."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    per_device_batch_size: int = 8
+    """Pairs per process per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (global batch = per_device_batch_size × processes × grad_accum)."""
+    max_length: int = 512
+    """Tokens of prompt + response kept (prompt cut from the left, response from the right)."""
+    seed: int = 0
+    """Seed of the shuffling."""
+    save_steps: int = 200
+    """Checkpoint (model, optimizer, RNG, step) every this many optimizer steps."""
+    resume: bool = True
+    """Continue from the checkpoint in output_dir if there is one."""
+    use_lora: bool = False
+    """Train LoRA adapters (merged into the saved model) instead of all weights."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA inputs."""
+
+
+def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                    ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid"
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses (B,) and implicit rewards β·log(π/π_ref) of chosen and rejected outputs."""
+    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ConfigError(f"dpo: loss_type must be 'sigmoid' or 'ipo', got '{loss_type}'")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def _chosen_rejected(records: list[dict], path=None) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) for every pair with a strict preference."""
+    out = []
+    for i, r in enumerate(records):
+        for f in ("instruction", "output_1", "output_2", "preference"):
+            if f not in r:
+                raise DataError("missing field", path=path, row=i, field=f)
+        if r["preference"] is None:
+            continue
+        p = common.preference_target(r["preference"], row=i, path=path)
+        if p == 0.5:
+            continue
+        chosen, rejected = (r["output_1"], r["output_2"]) if p == 1.0 else (r["output_2"], r["output_1"])
+        out.append((format_prompt(r["instruction"], r.get("input", "")), chosen, rejected))
+    if not out:
+        raise DataError("no pairs with a strict preference (1 or 2) to train on", path=path)
+    return out
+
+
+def _sequence_logps(model, tokenizer, triples, max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs (B,), (B,) of the chosen and rejected outputs, one forward pass."""
+    prompts = [t[0] for t in triples]
+    batch = common.tokenize_prompt_response(tokenizer, prompts * 2, [t[1] for t in triples] + [t[2] for t in triples],
+                                            max_length)
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    logps = common.response_logprobs(model, ids, mask)
+    seq = common.masked_sum(logps, batch["response_mask"].to(device), dim=-1)
+    return seq[: len(triples)], seq[len(triples):]
+
+
+@torch.no_grad()
+def _reference_logps(accelerator, model, tokenizer, triples, cfg: DPOConfig) -> torch.Tensor:
+    """(N, 2) reference log-probs of (chosen, rejected), computed in shards across processes."""
+    from accelerate.utils import gather_object
+
+    was_training = model.training
+    model.eval()
+    rank, n_proc = accelerator.process_index, accelerator.num_processes
+    mine = list(range(rank, len(triples), n_proc))
+    rows = []
+    with common.make_progress(accelerator) as progress:
+        task = progress.add_task("reference log-probs", total=len(mine), info="")
+        for s in range(0, len(mine), cfg.per_device_batch_size):
+            idx = mine[s:s + cfg.per_device_batch_size]
+            c, r = _sequence_logps(model, tokenizer, [triples[i] for i in idx], cfg.max_length, accelerator.device)
+            rows += [(i, float(a), float(b)) for i, a, b in zip(idx, c.tolist(), r.tolist())]
+            progress.update(task, advance=len(idx))
+    model.train(was_training)
+    rows = sorted(gather_object(rows))
+    return torch.tensor([[a, b] for _, a, b in rows], dtype=torch.float64)
+
+
+def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
+    """Train a policy with DPO / IPO on annotated pairs; returns its folder (save_pretrained)."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    if not cfg.model_name_or_path or not cfg.output_dir:
+        raise ConfigError("dpo: model_name_or_path and output_dir are required")
+    if records is None and not cfg.preference_file:
+        raise ConfigError("dpo: preference_file is required")
+    if cfg.loss_type not in ("sigmoid", "ipo"):
+        raise ConfigError(f"dpo: loss_type must be 'sigmoid' or 'ipo', got '{cfg.loss_type}'")
+    out = Path(cfg.output_dir)
+    if cfg.resume and (out / "model.safetensors").exists() and not (out / "checkpoint").exists():
+        return out  # already complete
+    accelerator = Accelerator()
+    seed_everything(cfg.seed)
+    if records is None:
+        records = common.load_split(cfg.preference_file, ("instruction", "output_1", "output_2", "preference"))
+    triples = _chosen_rejected(records, cfg.preference_file or None)
+    tokenizer = common.load_tokenizer(cfg.model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=torch.float32)
+    model.to(accelerator.device)
+
+    # 1. Reference log-probs, once (cached: a resumed run reads them back).
+    ref_file = out / "reference_logps.pt"
+    if cfg.resume and ref_file.exists():
+        ref_logps = torch.load(ref_file)
+    else:
+        ref_model = model if not cfg.reference_model else AutoModelForCausalLM.from_pretrained(
+            cfg.reference_model, dtype=torch.float32).to(accelerator.device)
+        ref_logps = _reference_logps(accelerator, ref_model, tokenizer, triples, cfg)
+        del ref_model
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            with atomic_path(ref_file) as tmp:
+                torch.save(ref_logps, tmp)
+        accelerator.wait_for_everyone()
+    if len(ref_logps) != len(triples):
+        raise DataError(f"{ref_file} holds {len(ref_logps)} pairs but the data has {len(triples)}; "
+                        "delete it (or use a fresh output_dir)", path=ref_file)
+
+    # 2. Policy, optimizer, Accelerate.
+    model = common.apply_lora(model, cfg, "CAUSAL_LM")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    n_proc, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = cfg.per_device_batch_size * n_proc * cfg.grad_accum
+    steps_per_epoch = len(triples) // global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"dpo: {len(triples)} pairs is fewer than one global batch ({global_batch}); "
+                          "lower per_device_batch_size or grad_accum")
+    total_steps = steps_per_epoch * cfg.epochs
+    ckpt_dir = out / "checkpoint"
+    step = 0
+    if cfg.resume and (state := common.load_checkpoint(accelerator, ckpt_dir)):
+        step = state["step"]
+    elif accelerator.is_main_process:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        common.save_config(cfg, out / "train_config.json")
+
+    # 3. Train: optimizer step k of an epoch takes the k-th global batch of a seeded permutation;
+    #    process `rank` takes its slice of each micro-batch (same global batches on 1 or N processes).
+    model.train()
+    t0 = time.time()
+    with common.make_progress(accelerator) as progress:
+        task = progress.add_task(f"dpo ({cfg.loss_type})", total=total_steps, completed=step, info="")
+        while step < total_steps:
+            epoch, k = divmod(step, steps_per_epoch)
+            perm = rng_for(cfg.seed, "dpo-epoch", epoch).permutation(len(triples))
+            batch_idx = perm[k * global_batch:(k + 1) * global_batch]
+            stats = []
+            for micro in range(cfg.grad_accum):
+                start = (micro * n_proc + rank) * cfg.per_device_batch_size
+                idx = batch_idx[start:start + cfg.per_device_batch_size]
+                ref = ref_logps[idx].to(accelerator.device, torch.float32)
+                with common.no_sync_unless(accelerator, model, micro == cfg.grad_accum - 1):
+                    pc, pr = _sequence_logps(model, tokenizer, [triples[i] for i in idx], cfg.max_length,
+                                             accelerator.device)
+                    losses, chosen_r, rejected_r = preference_loss(pc, pr, ref[:, 0], ref[:, 1], cfg.beta,
+                                                                   cfg.loss_type)
+                    accelerator.backward(losses.mean() / cfg.grad_accum)
+                stats.append(torch.stack([losses.mean().detach(), chosen_r.mean(), rejected_r.mean(),
+                                          (chosen_r > rejected_r).float().mean(),
+                                          (chosen_r - rejected_r).mean(), pc.mean().detach(), pr.mean().detach()]))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            s = accelerator.reduce(torch.stack(stats).mean(0), "mean").tolist()
+            metrics = {"step": step, "epoch": epoch, "loss": s[0], "rewards/chosen": s[1], "rewards/rejected": s[2],
+                       "rewards/accuracies": s[3], "rewards/margins": s[4], "logps/chosen": s[5],
+                       "logps/rejected": s[6], "lr": scheduler.get_last_lr()[0],
+                       "elapsed_s": round(time.time() - t0, 2)}
+            if accelerator.is_main_process:
+                append_jsonl(out / "metrics.jsonl", metrics)
+            progress.update(task, advance=1, info=f"loss {s[0]:.3f} acc {s[3]:.2f} margin {s[4]:.3f}")
+            if step % cfg.save_steps == 0 and step < total_steps:
+                common.save_checkpoint(accelerator, ckpt_dir, {"step": step})
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        common.save_model(accelerator.unwrap_model(model), tokenizer, out)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return out
 
 
 def add_commands(app: typer.Typer) -> None:
     """Add this method's sub-command(s) to the `prefgym` app."""
+
+    @app.command("dpo")
+    def dpo_command(
+        config: Path = typer.Option(None, "--config", "-c", help="YAML file of DPOConfig fields."),
+        model: str = typer.Option(None, "--model", help="SFT model folder (starting policy and reference)."),
+        preferences: str = typer.Option(None, "--preferences", help="Annotated pairs (JSON/JSONL)."),
+        output_dir: str = typer.Option(None, "--output-dir", "--out", "-o", help="Where the policy goes."),
+        loss_type: str = typer.Option(None, "--loss-type", help="sigmoid (DPO) or ipo."),
+        beta: float = typer.Option(None, "--beta", help="β (default 0.1)."),
+        set_: list[str] = typer.Option([], "--set", help="Config override key=value (repeatable)."),
+        resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue from a checkpoint (default: yes)."),
+    ):
+        """Train a policy directly on annotated pairs with DPO (or IPO)."""
+        overrides = {**common.parse_overrides(set_), "model_name_or_path": model, "preference_file": preferences,
+                     "output_dir": output_dir, "loss_type": loss_type, "beta": beta, "resume": resume}
+        cfg = common.load_config(DPOConfig, config, overrides)
+        typer.echo(f"dpo policy: {train(cfg)}")

@@ -1,7 +1,124 @@
-"""Placeholder until this method lands."""
+"""Expert iteration: fine-tune the SFT model on its own best-of-n outputs.
+
+AlpacaFarm's expert iteration (one round, as in the paper): (1) best-of-n with the SFT policy
+and the reward model on the instructions of the `unlabeled` split, (2) supervised fine-tuning of
+the SFT model on the chosen outputs. Both steps are the ordinary ones (`best_of_n.run`,
+`train_sft`), so both resume when the command is run again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from prefgym.errors import ConfigError
+from prefgym.methods.best_of_n import BestOfNConfig, run as run_best_of_n
+from prefgym.methods.reward_conditioning import sft_config
+from prefgym.methods.sft import SFTConfig, train_sft
+
+BEST_OF_N_FILE = "best_of_n_outputs.json"
+
+
+@dataclass
+class ExpertIterationConfig(SFTConfig):
+    """Expert iteration: every SFTConfig field (how to fine-tune), plus how to pick the outputs.
+
+    `model_name_or_path` is the SFT model: it both samples the outputs and is fine-tuned on them.
+    `train_file`/`split` are not used.
+    """
+
+    output_dir: str = "runs/expert_iteration"
+    """Where the model (save_pretrained), best_of_n_outputs.json, metrics.jsonl and checkpoints go."""
+    reward_model: str = ""
+    """Reward model folder that ranks the samples."""
+    prompts_file: str = ""
+    """Instructions to sample on (AlpacaFarm: the unlabeled split): file, folder or Hub name."""
+    prompts_split: Optional[str] = "unlabeled"
+    """Split of `prompts_file` when it is a folder or Hub dataset."""
+    n: int = 16
+    """Samples per instruction; the best is kept."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = 300
+    """Most tokens per sample."""
+    generation_batch_size: int = 8
+    """Prompts per `generate` call (each yields n sequences)."""
+    max_examples: int = -1
+    """Use only the first this many instructions; -1: all."""
+
+
+def train(cfg: ExpertIterationConfig) -> Path:
+    """Best-of-n on `prompts_file`, then SFT of `model_name_or_path` on the chosen outputs; returns the output dir."""
+    from prefgym.io import read_records
+
+    for key in ("model_name_or_path", "reward_model", "prompts_file"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"expert iteration: '{key}' is required")
+    out = Path(cfg.output_dir)
+    chosen_file = out / BEST_OF_N_FILE
+
+    # 1. Best-of-n outputs of the SFT policy (only the main process samples; others wait for the file).
+    if not chosen_file.exists() and int(os.environ.get("RANK", "0")) == 0:
+        run_best_of_n(BestOfNConfig(
+            policy_model=cfg.model_name_or_path, reward_model=cfg.reward_model, data=cfg.prompts_file,
+            split=cfg.prompts_split, output_file=str(chosen_file), n=cfg.n, temperature=cfg.temperature,
+            top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, generation_batch_size=cfg.generation_batch_size,
+            max_examples=cfg.max_examples, seed=cfg.seed, resume=cfg.resume, progress=cfg.progress))
+    _wait_for(chosen_file)
+
+    # 2. SFT of the SFT model on them.
+    records = [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]}
+               for r in read_records(chosen_file)]
+    return train_sft(sft_config(cfg, train_file=None, split=None), records=records)
+
+
+def _wait_for(path: Path, poll_s: float = 2.0) -> None:
+    """Block until `path` exists (other processes wait while the main one samples)."""
+    import time
+
+    while not path.exists():
+        time.sleep(poll_s)
+
 
 def add_commands(app: typer.Typer) -> None:
-    """Add this method's sub-command(s) to the `prefgym` app."""
+    """Add `prefgym expert-iteration` to the `prefgym` app."""
+
+    @app.command("expert-iteration")
+    def expert_iteration_command(
+        config: Optional[Path] = typer.Option(None, "--config", help="YAML file of ExpertIterationConfig fields (flags override it)."),
+        model: Optional[str] = typer.Option(None, "--model", help="SFT model folder: samples, and is fine-tuned."),
+        reward_model: Optional[str] = typer.Option(None, "--reward-model", help="Reward model folder that ranks the samples."),
+        prompts: Optional[str] = typer.Option(None, "--prompts", help="Instructions to sample on (e.g. the world's data folder)."),
+        prompts_split: Optional[str] = typer.Option(None, "--prompts-split", help="Split of --prompts (default: unlabeled)."),
+        out: Optional[str] = typer.Option(None, "--out", help="Output folder (default: runs/expert_iteration)."),
+        n: Optional[int] = typer.Option(None, "--n", help="Samples per instruction (default: 16)."),
+        epochs: Optional[int] = typer.Option(None, help="Passes over the chosen outputs (default: 3)."),
+        lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: 2e-5)."),
+        seed: Optional[int] = typer.Option(None, help="Seed (default: 0)."),
+        resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue an interrupted run (default: resume)."),
+        set_: list[str] = typer.Option([], "--set", help="Any ExpertIterationConfig field, key=value (repeatable)."),
+    ) -> None:
+        """Expert iteration: best-of-n on unlabeled instructions, then SFT of the SFT model on the winners.
+
+        Reads: --model (SFT model folder), --reward-model, --prompts (instructions; split
+        --prompts-split, default unlabeled).
+
+        Writes to --out: best_of_n_outputs.json (the chosen outputs, with all samples and
+        rewards), the fine-tuned model (save_pretrained), metrics.jsonl, checkpoints/ while
+        training. Rerun the same command to resume either step.
+        """
+        from prefgym.methods import common
+
+        overrides = {**common.parse_overrides(set_), "model_name_or_path": model, "reward_model": reward_model,
+                     "prompts_file": prompts, "prompts_split": prompts_split, "output_dir": out, "n": n,
+                     "epochs": epochs, "lr": lr, "seed": seed, "resume": resume}
+        cfg = common.load_config(ExpertIterationConfig, config, overrides)
+        path = train(cfg)
+        if int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(f"wrote {path}")

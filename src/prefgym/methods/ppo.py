@@ -1,7 +1,413 @@
-"""Placeholder until this method lands."""
+"""PPO against a learned reward model (Ziegler et al. 2019; Stiennon et al. 2020; AlpacaFarm).
 
+Each step samples responses to a batch of prompts from the `unlabeled` split and turns them into
+per-token rewards: a KL penalty -kl_coef·(log π - log π_ref) on every response token, plus the
+reward model's score on the last one. GAE gives advantages, and a few epochs of clipped policy
+and value updates follow. The value model starts from the reward model. Log-probs are always
+computed at the sampling temperature (logits / T), with dropout off, so that the ratio π/π_old is
+exactly 1 on the first minibatch.
+
+Sequences are laid out as [left-padded prompt | response padded after its EOS]; for response
+token j (at position P + j) the policy's logits and the value are read at position P + j - 1.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
 import typer
+
+from prefgym.data.prompts import format_prompt
+from prefgym.errors import ConfigError
+from prefgym.io import append_jsonl, write_jsonl
+from prefgym.methods import common
+from prefgym.seeding import rng_for, seed_everything, stable_hash
+
+
+@dataclass
+class PPOConfig:
+    policy_model: str = ""
+    """SFT model folder (or hub name): the starting policy and the frozen reference."""
+    reward_model: str = ""
+    """Reward model folder (from `prefgym reward-model`); also initialises the value model."""
+    prompt_file: str = ""
+    """Prompts (instruction, input): the `unlabeled` split."""
+    output_dir: str = ""
+    """Where the policy (save_pretrained), metrics.jsonl and checkpoints go."""
+    steps: int = 100
+    """PPO steps; each samples one rollout batch."""
+    per_device_rollout_batch_size: int = 16
+    """Prompts sampled per process per step (global batch = this × processes)."""
+    num_mini_batches: int = 1
+    """Minibatches each rollout batch is split into for the updates."""
+    ppo_epochs: int = 2
+    """Passes of updates over each rollout batch."""
+    lr: float = 1e-5
+    """AdamW learning rate of the policy and the value model."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (global norm)."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are computed at the same temperature."""
+    max_new_tokens: int = 128
+    """Longest response sampled."""
+    max_prompt_length: int = 384
+    """Prompt tokens kept (from the left)."""
+    kl_coef: float = 0.02
+    """Initial coefficient of the per-token KL penalty."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards kl_target (Ziegler et al.'s proportional controller)."""
+    kl_target: float = 6.0
+    """Target KL(π‖π_ref) per response, in nats (adaptive_kl only)."""
+    kl_horizon: int = 10000
+    """Episodes over which the controller closes the KL error (adaptive_kl only)."""
+    gamma: float = 1.0
+    """Discount factor."""
+    lam: float = 0.95
+    """GAE λ."""
+    cliprange: float = 0.2
+    """Policy ratio clipping ε."""
+    cliprange_value: float = 0.2
+    """Value clipping around the rollout values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    whiten_rewards: bool = True
+    """Whiten per-token rewards over the batch (scale only) before GAE."""
+    missing_eos_penalty: float | None = -1.0
+    """Score given to responses that never emit EOS (None: keep the reward model's score)."""
+    seed: int = 0
+    """Seed of prompt order, sampling and minibatches."""
+    save_steps: int = 20
+    """Checkpoint (policy, value model, optimizer, RNG, step, kl_coef) every this many steps."""
+    sample_log_steps: int = 10
+    """Write the first rollouts of every this many steps to samples.jsonl (0: never)."""
+    resume: bool = True
+    """Continue from the checkpoint in output_dir if there is one."""
+    use_lora: bool = False
+    """Train LoRA adapters on policy and value model; the reference is the policy without them."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA inputs."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The maths
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation on (B, R) response tokens; returns (advantages, returns).
+
+    δ_t = r_t + γ V_{t+1} - V_t (V = 0 after the last token), A_t = Σ_k (γλ)^k δ_{t+k}, computed
+    as one matrix product with the (R, R) upper-triangular discount matrix instead of a loop.
+    """
+    values = torch.where(mask.bool(), values, torch.zeros_like(values))
+    rewards = torch.where(mask.bool(), rewards, torch.zeros_like(rewards))
+    next_values = F.pad(values[:, 1:], (0, 1))
+    deltas = rewards + gamma * next_values - values
+    t = torch.arange(deltas.shape[1], device=deltas.device)
+    k = t[None, :] - t[:, None]  # (R, R): k[t, j] = j - t
+    discount = torch.where(k >= 0, (gamma * lam) ** k.clamp(min=0).to(deltas.dtype), torch.zeros((), dtype=deltas.dtype))
+    advantages = deltas @ discount.T
+    return advantages, advantages + values
+
+
+def per_token_rewards(score: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
+                      kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards (B, R): -kl_coef·(log π - log π_ref) per token, plus `score` at each row's last token.
+
+    Returns (rewards, kl) with kl the per-token log-ratio (0 outside the response).
+    """
+    kl = torch.where(mask.bool(), logps - ref_logps, torch.zeros_like(logps))
+    rewards = -kl_coef * kl
+    last = common.last_token_index(mask)
+    rewards[torch.arange(len(score), device=score.device), last] += score
+    return rewards, kl
+
+
+def ppo_losses(new_logps, old_logps, advantages, vpred, old_values, returns, mask, cliprange: float,
+               cliprange_value: float, token_count: torch.Tensor | float | None = None) -> dict[str, torch.Tensor]:
+    """Clipped policy loss and clipped value loss over the response tokens (all (B, R) tensors).
+
+    Means are sums over masked tokens divided by `token_count` (default: the mask's sum); data
+    parallel training passes the global count / number of processes so that the averaged
+    gradient is the gradient of the global mean.
+    """
+    n = mask.sum() if token_count is None else token_count
+
+    def mean(x):
+        return common.masked_sum(x, mask) / n
+
+    vpred_clipped = old_values + torch.clamp(vpred - old_values, -cliprange_value, cliprange_value)
+    vf_losses1 = (vpred - returns) ** 2
+    vf_losses2 = (vpred_clipped - returns) ** 2
+    logratio = new_logps - old_logps
+    ratio = torch.exp(logratio)
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    return {
+        "pg_loss": mean(torch.max(pg_losses1, pg_losses2)),
+        "vf_loss": 0.5 * mean(torch.max(vf_losses1, vf_losses2)),
+        "pg_clipfrac": mean((pg_losses2 > pg_losses1).float()),
+        "vf_clipfrac": mean((vf_losses2 > vf_losses1).float()),
+        "approx_kl": 0.5 * mean(logratio ** 2),
+        "value_error": mean(vf_losses1),
+        "ratio": mean(ratio),
+    }
+
+
+def update_kl_coef(kl_coef: float, current_kl: float, target: float, horizon: int, n_episodes: int) -> float:
+    """Ziegler et al.'s adaptive controller: move kl_coef by a clipped proportional error."""
+    error = min(max(current_kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_episodes / horizon)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+class PolicyAndValue(torch.nn.Module):
+    """Policy and value model as one module: one optimizer, one data-parallel wrapper."""
+
+    def __init__(self, policy, value_model):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, V) logits and (B, T) values."""
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=common.position_ids_from(attention_mask)).logits
+        return logits, common.token_scores(self.value_model, input_ids, attention_mask)
+
+
+def _load_models(cfg: PPOConfig):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from prefgym.methods.reward_model import RewardScorer
+
+    tokenizer = common.load_tokenizer(cfg.policy_model)
+    policy = AutoModelForCausalLM.from_pretrained(cfg.policy_model, dtype=torch.float32)
+    scorer = RewardScorer(cfg.reward_model)
+    if scorer.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"ppo: the reward model {cfg.reward_model} and the policy {cfg.policy_model} use "
+                          "different tokenizers; train the reward model from the same SFT model")
+    value_model = AutoModelForSequenceClassification.from_pretrained(cfg.reward_model, dtype=torch.float32)
+    value_model.config.pad_token_id = tokenizer.pad_token_id
+    reference = None
+    if not cfg.use_lora:  # with LoRA, the reference is the policy with its adapters disabled
+        reference = AutoModelForCausalLM.from_pretrained(cfg.policy_model, dtype=torch.float32)
+        reference.requires_grad_(False)
+        reference.eval()
+    policy = common.apply_lora(policy, cfg, "CAUSAL_LM")
+    value_model = common.apply_lora(value_model, cfg, "SEQ_CLS")
+    for m in (policy, value_model, reference, scorer.model):
+        if m is not None:
+            common.disable_dropout(m)
+    return tokenizer, PolicyAndValue(policy, value_model), reference, scorer
+
+
+@torch.no_grad()
+def _reference_logps(reference, policy, ids, mask, temperature):
+    if reference is not None:
+        return common.response_logprobs(reference, ids, mask, temperature)
+    with policy.disable_adapter():
+        return common.response_logprobs(policy, ids, mask, temperature)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
+    """Run PPO; returns the folder of the trained policy (save_pretrained)."""
+    from accelerate import Accelerator
+
+    for key in ("policy_model", "reward_model", "output_dir"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"ppo: '{key}' is required")
+    if prompts is None and not cfg.prompt_file:
+        raise ConfigError("ppo: 'prompt_file' is required (the unlabeled split)")
+    if cfg.per_device_rollout_batch_size % cfg.num_mini_batches:
+        raise ConfigError("ppo: per_device_rollout_batch_size must be divisible by num_mini_batches")
+    out = Path(cfg.output_dir)
+    if cfg.resume and (out / "model.safetensors").exists() and not (out / "checkpoint").exists():
+        return out  # already complete
+    accelerator = Accelerator()
+    seed_everything(cfg.seed)
+    if prompts is None:
+        prompts = common.load_split(cfg.prompt_file, ("instruction",))
+    prompt_texts = [format_prompt(p["instruction"], p.get("input", "")) for p in prompts]
+    tokenizer, model, reference, scorer = _load_models(cfg)
+    scorer.to(accelerator.device)
+    if reference is not None:
+        reference.to(accelerator.device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay, eps=1e-5)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    n_proc, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    B = cfg.per_device_rollout_batch_size
+    global_batch = B * n_proc
+    if len(prompt_texts) < global_batch:
+        raise ConfigError(f"ppo: {len(prompt_texts)} prompts is fewer than one global rollout batch ({global_batch})")
+    steps_per_epoch = len(prompt_texts) // global_batch
+
+    def reduce_sum(t):
+        return accelerator.reduce(t, "sum")
+
+    ckpt_dir = out / "checkpoint"
+    step, kl_coef = 0, cfg.kl_coef
+    if cfg.resume and (state := common.load_checkpoint(accelerator, ckpt_dir)):
+        step, kl_coef = state["step"], state["kl_coef"]
+        if accelerator.is_main_process:  # drop metrics logged after the checkpoint
+            rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+            write_jsonl(out / "metrics.jsonl", [r for r in rows if r["step"] <= step])
+    elif accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / "samples.jsonl").unlink(missing_ok=True)
+        common.save_config(cfg, out / "train_config.json")
+
+    t0 = time.time()
+    with common.make_progress(accelerator) as progress:
+        task = progress.add_task("ppo", total=cfg.steps, completed=step, info="")
+        while step < cfg.steps:
+            unwrapped = accelerator.unwrap_model(model)
+
+            # 1. Prompts: the step's global batch of a per-epoch permutation; this process's slice.
+            epoch, k = divmod(step, steps_per_epoch)
+            perm = rng_for(cfg.seed, "ppo-prompts", epoch).permutation(len(prompt_texts))
+            rows = perm[k * global_batch + rank * B:k * global_batch + (rank + 1) * B]
+
+            # 2. Sample one response per prompt (seeded per global row: same on 1 or N processes).
+            seeds = [stable_hash(cfg.seed, "ppo-sample", step, k * global_batch + rank * B + i) for i in range(B)]
+            query_ids, query_mask, response_ids = common.sample_responses(
+                unwrapped.policy, tokenizer, [prompt_texts[i] for i in rows], seeds=seeds,
+                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                max_prompt_length=cfg.max_prompt_length)
+
+            # 3. Truncate after the first EOS.
+            response_ids, response_mask, has_eos = common.truncate_after_eos(
+                response_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            P = query_ids.shape[1]
+            ids = torch.cat([query_ids, response_ids], 1)
+            mask = torch.cat([query_mask, response_mask], 1)
+
+            # 4. Log-probs (at T) of policy and reference, values, and the reward model's score.
+            with torch.no_grad():
+                logits, values = model(ids, mask)
+                logps = common.token_logprobs(logits, ids, cfg.temperature)[:, P:]
+                values = values[:, P - 1:-1]  # value of the state before each response token
+                ref_logps = _reference_logps(reference, unwrapped.policy, ids, mask, cfg.temperature)[:, P:]
+                raw_score = scorer.score_tokens(ids, mask)
+                entropy = common.masked_mean(common.token_entropy(logits, cfg.temperature)[:, P:], response_mask)
+                del logits
+
+                # 5. Responses that never emit EOS get a fixed, low score.
+                score = raw_score
+                if cfg.missing_eos_penalty is not None:
+                    score = torch.where(has_eos, raw_score, torch.full_like(raw_score, cfg.missing_eos_penalty))
+
+                # 6. Per-token rewards: KL penalty on every token, score on the last one.
+                rewards, kl = per_token_rewards(score, logps, ref_logps, response_mask, kl_coef)
+                non_score_reward = (-kl_coef * kl).sum(-1)
+
+                # 7. Whiten rewards (scale only), with statistics of the global batch.
+                if cfg.whiten_rewards:
+                    rewards = common.masked_whiten(rewards, response_mask, shift_mean=False, reduce=reduce_sum)
+
+                # 8. GAE, then whiten advantages.
+                advantages, returns = gae(rewards, values, response_mask, cfg.gamma, cfg.lam)
+                advantages = common.masked_whiten(advantages, response_mask, reduce=reduce_sum)
+
+            # 9. PPO epochs over minibatches.
+            mb = B // cfg.num_mini_batches
+            update_stats = []
+            for ppo_epoch in range(cfg.ppo_epochs):
+                order = torch.from_numpy(rng_for(cfg.seed, "ppo-minibatch", step, ppo_epoch).permutation(B))
+                for m in range(cfg.num_mini_batches):
+                    i = order[m * mb:(m + 1) * mb].to(device)
+                    global_tokens = reduce_sum(response_mask[i].sum().float())
+                    new_logits, vpred = model(ids[i], mask[i])
+                    new_logps = common.token_logprobs(new_logits, ids[i], cfg.temperature)[:, P:]
+                    vpred = vpred[:, P - 1:-1]
+                    losses = ppo_losses(new_logps, logps[i], advantages[i], vpred, values[i], returns[i],
+                                        response_mask[i], cfg.cliprange, cfg.cliprange_value,
+                                        token_count=global_tokens / n_proc)
+                    loss = losses["pg_loss"] + cfg.vf_coef * losses["vf_loss"]
+                    accelerator.backward(loss)
+                    if cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    # losses are divided by the global count / n_proc: summing over processes and
+                    # dividing by n_proc gives the global mean
+                    update_stats.append(torch.stack([v.detach() for v in losses.values()]))
+            step += 1
+
+            # 10. Metrics of the global batch, then the KL controller.
+            u = (reduce_sum(torch.stack(update_stats).mean(0)) / n_proc).tolist()
+            seq = reduce_sum(torch.stack([score.sum(), raw_score.sum(), kl.sum(), non_score_reward.sum(),
+                                          response_mask.sum().float(), (~has_eos).sum().float(),
+                                          entropy * B]))
+            s = (seq / global_batch).tolist()
+            metrics = {"step": step, "episodes": step * global_batch, "score": s[0], "raw_score": s[1], "kl": s[2],
+                       "non_score_reward": s[3], "rlhf_reward": s[0] + s[3], "response_length": s[4],
+                       "no_eos_fraction": s[5], "entropy": s[6], "kl_coef": kl_coef,
+                       **dict(zip(["pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approx_kl", "value_error",
+                                   "ratio"], u)),
+                       "elapsed_s": round(time.time() - t0, 2)}
+            if cfg.adaptive_kl:
+                kl_coef = update_kl_coef(kl_coef, s[2], cfg.kl_target, cfg.kl_horizon, global_batch)
+            if accelerator.is_main_process:
+                append_jsonl(out / "metrics.jsonl", metrics)
+                if cfg.sample_log_steps and (step - 1) % cfg.sample_log_steps == 0:
+                    texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+                    for j in range(min(4, B)):
+                        append_jsonl(out / "samples.jsonl", {"step": step, "prompt": prompt_texts[rows[j]],
+                                                             "response": texts[j], "score": float(score[j])})
+            progress.update(task, advance=1, info=f"score {s[0]:.3f} kl {s[2]:.3f} len {s[4]:.1f}")
+
+            # 11. Checkpoint (policy, value, optimizer, RNG; step and kl_coef).
+            if step % cfg.save_steps == 0 and step < cfg.steps:
+                common.save_checkpoint(accelerator, ckpt_dir, {"step": step, "kl_coef": kl_coef})
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        common.save_model(accelerator.unwrap_model(model).policy, tokenizer, out)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return out
 
 
 def add_commands(app: typer.Typer) -> None:
     """Add this method's sub-command(s) to the `prefgym` app."""
+
+    @app.command("ppo")
+    def ppo_command(
+        config: Path = typer.Option(None, "--config", "-c", help="YAML file of PPOConfig fields."),
+        policy: str = typer.Option(None, "--policy", help="SFT model folder (start and reference)."),
+        reward_model: str = typer.Option(None, "--reward-model", help="Reward model folder."),
+        prompts: str = typer.Option(None, "--prompts", help="Prompts: the unlabeled split (JSON/JSONL)."),
+        output_dir: str = typer.Option(None, "--output-dir", "--out", "-o", help="Where the policy goes."),
+        steps: int = typer.Option(None, "--steps", help="PPO steps."),
+        kl_coef: float = typer.Option(None, "--kl-coef", help="(Initial) KL coefficient."),
+        set_: list[str] = typer.Option([], "--set", help="Config override key=value (repeatable)."),
+        resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue from a checkpoint (default: yes)."),
+    ):
+        """Optimise the policy against the reward model with PPO (KL-penalised)."""
+        overrides = {**common.parse_overrides(set_), "policy_model": policy, "reward_model": reward_model,
+                     "prompt_file": prompts, "output_dir": output_dir, "steps": steps, "kl_coef": kl_coef,
+                     "resume": resume}
+        cfg = common.load_config(PPOConfig, config, overrides)
+        typer.echo(f"ppo policy: {train(cfg)}")

@@ -1,7 +1,367 @@
-"""Placeholder until this method lands."""
+"""Quark: reward quantiles as control tokens (Lu et al. 2022), as in AlpacaFarm.
 
+K special tokens `<quark_0>` ... `<quark_{K-1}>` are added to the SFT model's vocabulary;
+`<quark_0>` stands for the best rewards. Each iteration:
+
+1. Rollout: sample responses to a batch of prompts from the current policy, conditioned on
+   `<quark_0>` (the first iteration samples without a token: it means nothing yet), and score
+   them with the reward model.
+2. Pool: add the scored samples to one data pool that grows over the iterations. Every process
+   gathers every process's samples, so all processes hold the same pool.
+3. Quantise: sort the whole pool by reward and cut it into K equal parts (as `np.array_split`,
+   Quark's reference code); part k gets the token `<quark_k>`.
+4. Train: minimise, on batches of pool samples conditioned on their own quantile token,
+       NLL(response | <quark_k> + prompt)
+     + kl_coef * KL(policy(. | <quark_k> + prompt) || reference(. | prompt))
+     - entropy_coef * entropy(policy(. | <quark_k> + prompt))
+   per response token. The reference is the frozen SFT model, which has never seen the tokens,
+   so (as in AlpacaFarm) it reads the prompt without them; KL and entropy are over the
+   original vocabulary.
+
+The control token goes in front of the instruction (see `reward_conditioning`); the token to use
+at inference, `<quark_0>`, is recorded in `conditioning.json` and README.md next to the saved
+model, and `generate_conditioned_outputs` applies it. A checkpoint (model, optimizer, RNG, pool)
+is written after every iteration; running the same command again resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
 import typer
+
+from prefgym.errors import ConfigError
+
+POOL_FILE = "pool.jsonl"
+
+
+@dataclass
+class QuarkConfig:
+    """Quark settings (AlpacaFarm: K=5 reward tokens, kl_coef 0.05, temperature 1.0, lr 3e-6 for 7B models)."""
+
+    policy_model: str = ""
+    """SFT model folder (or Hub name): the starting policy and the KL reference."""
+    reward_model: str = ""
+    """Reward model folder that scores the rollouts."""
+    prompts_file: str = ""
+    """Instructions to roll out on (AlpacaFarm: the unlabeled split): file, folder or Hub name."""
+    prompts_split: Optional[str] = "unlabeled"
+    """Split of `prompts_file` when it is a folder or Hub dataset."""
+    output_dir: str = "runs/quark"
+    """Where the model (save_pretrained), pool.jsonl, metrics.jsonl and the checkpoint go."""
+    num_quantiles: int = 5
+    """K: reward quantiles, one control token each."""
+    iterations: int = 10
+    """Rounds of rollout + training."""
+    rollout_batch_size: int = 64
+    """Prompts sampled per iteration, all processes together (a multiple of the number of processes)."""
+    steps_per_iteration: int = 8
+    """Optimizer steps on the pool after each rollout."""
+    per_device_batch_size: int = 4
+    """Pool samples per forward pass on each process."""
+    grad_accum: int = 1
+    """Forward passes per optimizer step; global batch = per_device_batch_size x processes x grad_accum."""
+    lr: float = 1e-5
+    """AdamW learning rate (constant after warm-up)."""
+    warmup_steps: int = 5
+    """Optimizer steps of linear learning-rate warm-up."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0: no clipping)."""
+    kl_coef: float = 0.05
+    """Weight of the per-token KL(policy || reference)."""
+    entropy_coef: float = 0.06
+    """Weight of the entropy bonus (Quark's value)."""
+    temperature: float = 1.0
+    """Rollout sampling temperature."""
+    top_p: float = 1.0
+    """Rollout nucleus sampling threshold."""
+    max_new_tokens: int = 300
+    """Most tokens per rollout response."""
+    generation_batch_size: int = 16
+    """Prompts per `generate` call during rollouts."""
+    max_length: int = 512
+    """Tokens of prompt + response in training (prompt cut from the left)."""
+    clear_pool_each_iteration: bool = False
+    """Keep only the latest rollout in the pool (AlpacaFarm's clear_data_pool_on_each_rollout)."""
+    seed: int = 0
+    """Seed of the prompt order, rollouts and training batches."""
+    resume: bool = True
+    """Continue from the checkpoint in output_dir if there is one (False: start over)."""
+    use_lora: bool = False
+    """Train LoRA adapters (plus the control-token embeddings; merged into the saved model)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA inputs."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def quark_tokens(num_quantiles: int) -> list[str]:
+    """The control tokens, best quantile first: `<quark_0>` ... `<quark_{K-1}>`."""
+    return [f"<quark_{k}>" for k in range(num_quantiles)]
+
+
+def assign_quantiles(rewards, num_quantiles: int) -> np.ndarray:
+    """Quantile index per sample: 0 for the highest rewards, K-1 for the lowest.
+
+    The samples sorted by decreasing reward (ties keep pool order) are cut into K consecutive
+    parts of equal size, the first parts one larger when K does not divide the pool
+    (`np.array_split`).
+    """
+    rewards = np.asarray(rewards, dtype=float)
+    order = np.argsort(-rewards, kind="stable")
+    quantiles = np.empty(len(rewards), dtype=int)
+    for k, part in enumerate(np.array_split(order, num_quantiles)):
+        quantiles[part] = k
+    return quantiles
+
+
+def quark_loss(policy, reference, tokenizer, samples: list[dict], quantiles, tokens: list[str],
+               kl_coef: float, entropy_coef: float, max_length: int) -> tuple[torch.Tensor, dict]:
+    """Quark's objective on pool samples (instruction, input, output) with their quantile indices.
+
+    Returns (loss, stats): loss = NLL + kl_coef * KL - entropy_coef * entropy, each a mean over
+    the batch's response tokens.
+    """
+    from prefgym.data.prompts import format_record
+    from prefgym.methods import common
+    from prefgym.methods.reward_conditioning import with_control_token
+
+    device = next(policy.parameters()).device
+    responses = [s["output"] for s in samples]
+    conditioned = [format_record(with_control_token([s], tokens[q])[0]) for s, q in zip(samples, quantiles)]
+    plain = [format_record(s) for s in samples]
+    pb = common.tokenize_prompt_response(tokenizer, conditioned, responses, max_length)
+    rb = common.tokenize_prompt_response(tokenizer, plain, responses, max_length)
+    pb, rb = ({k: v.to(device) for k, v in b.items()} for b in (pb, rb))
+
+    logits = policy(input_ids=pb["input_ids"], attention_mask=pb["attention_mask"]).logits  # (B, T, V+K)
+    with torch.no_grad():
+        ref_logits = reference(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits  # (B, T', V)
+    # Logits at position t predict token t+1. The responses are the same tokens in both batches,
+    # so selecting the positions that predict response tokens gives (N, V) rows in the same order.
+    pol_mask, ref_mask = pb["response_mask"][:, 1:].bool(), rb["response_mask"][:, 1:].bool()
+    pol = logits[:, :-1][pol_mask].float()  # (N, V+K)
+    ref = ref_logits[:, :-1][ref_mask].float()  # (N, V)
+    targets = pb["input_ids"][:, 1:][pol_mask]  # (N,)
+    nll = F.cross_entropy(pol, targets)
+
+    # KL and entropy over the original vocabulary (without the control tokens).
+    vocab = ref.shape[-1]
+    pol_v = pol[:, :vocab]
+    added = tokenizer.get_added_vocab()
+    control_ids = [added[t] for t in tokens if t in added and added[t] < vocab]
+    if control_ids:  # the tokens took unused rows of a padded vocabulary: leave them out
+        pol_v = pol_v.index_fill(-1, torch.tensor(control_ids, device=device), -1e9)
+        ref = ref.index_fill(-1, torch.tensor(control_ids, device=device), -1e9)
+    logp, ref_logp = F.log_softmax(pol_v, dim=-1), F.log_softmax(ref, dim=-1)
+    p = logp.exp()
+    kl = (p * (logp - ref_logp)).sum(-1).mean()
+    entropy = -(p * logp).sum(-1).mean()
+    loss = nll + kl_coef * kl - entropy_coef * entropy
+    return loss, {"loss": loss.item(), "nll": nll.item(), "kl": kl.item(), "entropy": entropy.item()}
+
+
+def train(cfg: QuarkConfig) -> Path:
+    """Train a Quark policy; returns the output dir (save_pretrained + conditioning.json)."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    from prefgym.data import format_record, load_records
+    from prefgym.io import append_jsonl, read_records, write_json, write_jsonl
+    from prefgym.methods import common
+    from prefgym.methods.reward_conditioning import add_control_tokens, with_control_token, write_conditioning
+    from prefgym.methods.reward_model import RewardScorer
+    from prefgym.models import load_model_and_tokenizer
+    from prefgym.models.generation import SamplingConfig, generate
+    from prefgym.seeding import rng_for, seed_everything, stable_hash
+
+    for key in ("policy_model", "reward_model", "prompts_file"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"quark: '{key}' is required")
+    if cfg.num_quantiles < 2:
+        raise ConfigError(f"quark: num_quantiles must be at least 2, got {cfg.num_quantiles}")
+    out = Path(cfg.output_dir)
+    if cfg.resume and (out / "conditioning.json").exists():
+        return out  # finished earlier
+
+    # Several processes without a GPU: data-parallel on CPU (gloo), as `train_sft` does.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(cpu=cpu)
+    n_proc, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.rollout_batch_size % n_proc:
+        raise ConfigError(f"quark: rollout_batch_size {cfg.rollout_batch_size} is not a multiple of the "
+                          f"{n_proc} processes")
+    seed_everything(cfg.seed)
+    prompts = load_records(cfg.prompts_file, split=cfg.prompts_split, required=("instruction",))
+    tokens = quark_tokens(cfg.num_quantiles)
+
+    # Policy: the SFT model with K reward tokens; reference: the SFT model itself, frozen.
+    policy, tokenizer = load_model_and_tokenizer(cfg.policy_model, device=accelerator.device)
+    control_ids = add_control_tokens(policy, tokenizer, tokens)
+    if cfg.use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                   lora_dropout=cfg.lora_dropout, target_modules="all-linear",
+                                                   trainable_token_indices=control_ids, task_type="CAUSAL_LM"))
+    reference, _ = load_model_and_tokenizer(cfg.policy_model, device=accelerator.device)
+    reference.requires_grad_(False)
+    reference.eval()
+    scorer = RewardScorer(cfg.reward_model, device=accelerator.device)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by hand, once per optimizer step
+
+    ckpt_dir, metrics_file, pool_file = out / "checkpoint", out / "metrics.jsonl", out / POOL_FILE
+    start, pool = 0, []
+    if cfg.resume and (state := common.load_checkpoint(accelerator, ckpt_dir)):
+        start, pool = state["iteration"], read_records(pool_file)[:state["pool_size"]]
+    elif accelerator.is_main_process:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_file.unlink(missing_ok=True)
+        common.save_config(cfg, out / "quark_config.json")
+    accelerator.wait_for_everyone()
+
+    per_rank = cfg.per_device_batch_size * cfg.grad_accum
+    global_batch = per_rank * n_proc
+    sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                              batch_size=cfg.generation_batch_size)
+    with common.make_progress(accelerator) as progress:
+        task = progress.add_task("quark", total=cfg.iterations, completed=start, info="")
+        for it in range(start, cfg.iterations):
+            t0 = time.perf_counter()
+            # 1. Rollout on this iteration's prompts (a seeded pass over the prompt set, wrapping).
+            #    This process takes every n_proc-th of them.
+            ids = _iteration_prompts(len(prompts), cfg.rollout_batch_size, it, cfg.seed)[rank::n_proc]
+            batch = [{"instruction": prompts[i]["instruction"], "input": prompts[i].get("input") or ""} for i in ids]
+            token = tokens[0] if it > 0 else ""  # the untrained token means nothing on the first rollout
+            texts = generate(accelerator.unwrap_model(policy), tokenizer,
+                             [format_record(r) for r in with_control_token(batch, token)],
+                             dataclasses.replace(sampling, seed=stable_hash(cfg.seed, "quark-rollout", it, rank)))
+            samples = [{**r, "output": t[0]} for r, t in zip(batch, texts)]
+            rewards = scorer.score(samples)
+            mine = [{**s, "reward": float(x), "iteration": it} for s, x in zip(samples, rewards)]
+
+            # 2. One pool for all processes: gather every process's samples (in rank order).
+            new = gather_object(mine)
+            if cfg.clear_pool_each_iteration:
+                pool = []
+            pool.extend(new)
+
+            # 3. Re-quantise the whole pool.
+            quantiles = assign_quantiles([p["reward"] for p in pool], cfg.num_quantiles)
+
+            # 4. Train on seeded batches of the pool; each process takes its slice of the global batch.
+            policy.train()
+            stats = []
+            for step in range(cfg.steps_per_iteration):
+                rng = rng_for(cfg.seed, "quark-batch", it, step)
+                idx = rng.choice(len(pool), size=global_batch, replace=len(pool) < global_batch)
+                idx = idx[rank * per_rank:(rank + 1) * per_rank]
+                for m in range(cfg.grad_accum):
+                    micro = idx[m * cfg.per_device_batch_size:(m + 1) * cfg.per_device_batch_size]
+                    with accelerator.no_sync(policy) if m < cfg.grad_accum - 1 else nullcontext():
+                        loss, s = quark_loss(policy, reference, tokenizer, [pool[i] for i in micro],
+                                             quantiles[micro], tokens, cfg.kl_coef, cfg.entropy_coef, cfg.max_length)
+                        accelerator.backward(loss / cfg.grad_accum)
+                    stats.append(s)
+                if cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            # 5. Metrics, then the checkpoint (pool file first: the checkpoint says how much of it counts).
+            row = {"iteration": it + 1, "pool_size": len(pool),
+                   "rollout_reward": float(np.mean([p["reward"] for p in new])),
+                   "best_quantile_reward": float(np.mean([p["reward"] for p, q in zip(pool, quantiles) if q == 0])),
+                   **{k: accelerator.reduce(torch.tensor(float(np.mean([s[k] for s in stats]))), "mean").item()
+                      for k in ("loss", "nll", "kl", "entropy")},
+                   "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 2)}
+            if accelerator.is_main_process:
+                append_jsonl(metrics_file, row)
+                write_jsonl(pool_file, pool)
+            common.save_checkpoint(accelerator, ckpt_dir, {"iteration": it + 1, "pool_size": len(pool)})
+            progress.update(task, advance=1, info=f"reward {row['rollout_reward']:.3f} kl {row['kl']:.3f}")
+
+    # Save the policy (LoRA merged) and how to condition it.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        common.save_model(accelerator.unwrap_model(policy), tokenizer, out)
+        write_json(out / "quantile_tokens.json", {"tokens": tokens, "best": tokens[0]})
+        write_conditioning(out, tokens[0], "Quark", {"num_quantiles": cfg.num_quantiles})
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
+
+
+def _iteration_prompts(n_prompts: int, batch_size: int, iteration: int, seed: int) -> list[int]:
+    """Prompt indices of one rollout: the next `batch_size` of seeded per-epoch permutations."""
+    from prefgym.seeding import rng_for
+
+    out = []
+    for pos in range(iteration * batch_size, (iteration + 1) * batch_size):
+        epoch, k = divmod(pos, n_prompts)
+        out.append(int(rng_for(seed, "quark-prompts", epoch).permutation(n_prompts)[k]))
+    return out
 
 
 def add_commands(app: typer.Typer) -> None:
-    """Add this method's sub-command(s) to the `prefgym` app."""
+    """Add `prefgym quark` to the `prefgym` app."""
+
+    @app.command("quark")
+    def quark_command(
+        config: Optional[Path] = typer.Option(None, "--config", help="YAML file of QuarkConfig fields (flags override it)."),
+        model: Optional[str] = typer.Option(None, "--model", help="SFT model folder: starting policy and KL reference."),
+        reward_model: Optional[str] = typer.Option(None, "--reward-model", help="Reward model folder that scores rollouts."),
+        prompts: Optional[str] = typer.Option(None, "--prompts", help="Instructions to roll out on (e.g. the world's data folder)."),
+        prompts_split: Optional[str] = typer.Option(None, "--prompts-split", help="Split of --prompts (default: unlabeled)."),
+        out: Optional[str] = typer.Option(None, "--out", help="Output folder (default: runs/quark)."),
+        iterations: Optional[int] = typer.Option(None, help="Rounds of rollout + training (default: 10)."),
+        num_quantiles: Optional[int] = typer.Option(None, help="Reward quantiles / control tokens (default: 5)."),
+        kl_coef: Optional[float] = typer.Option(None, help="KL weight (default: 0.05)."),
+        entropy_coef: Optional[float] = typer.Option(None, help="Entropy bonus weight (default: 0.06)."),
+        lr: Optional[float] = typer.Option(None, help="Learning rate (default: 1e-5)."),
+        seed: Optional[int] = typer.Option(None, help="Seed (default: 0)."),
+        resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the checkpoint (default: resume)."),
+        set_: list[str] = typer.Option([], "--set", help="Any QuarkConfig field, key=value (repeatable)."),
+    ) -> None:
+        """Quark: reward quantiles as control tokens; rollouts grow a pool, NLL + KL + entropy on it.
+
+        Reads: --model (SFT model folder), --reward-model, --prompts (instructions; split
+        --prompts-split, default unlabeled).
+
+        Writes to --out: the policy (save_pretrained; tokenizer with <quark_0>..<quark_K-1>),
+        conditioning.json and README.md (generate with <quark_0> in front of the instruction:
+        generate_conditioned_outputs does it), pool.jsonl (every scored rollout), metrics.jsonl,
+        quark_config.json, and checkpoint/ while training. Rerun the same command to resume.
+
+        Several processes: accelerate launch --num_processes 2 --cpu -m prefgym.cli quark ...
+        """
+        from prefgym.methods import common
+
+        overrides = {**common.parse_overrides(set_), "policy_model": model, "reward_model": reward_model,
+                     "prompts_file": prompts, "prompts_split": prompts_split, "output_dir": out,
+                     "iterations": iterations, "num_quantiles": num_quantiles, "kl_coef": kl_coef,
+                     "entropy_coef": entropy_coef, "lr": lr, "seed": seed, "resume": resume}
+        cfg = common.load_config(QuarkConfig, config, overrides)
+        path = train(cfg)
+        if int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(f"wrote {path} (generate with '<quark_0>' in front of the instruction)")

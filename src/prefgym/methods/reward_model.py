@@ -1,7 +1,333 @@
-"""Placeholder until this method lands."""
+"""Reward model: a score head on the SFT model, trained on pairwise preferences (Bradley–Terry).
 
+The model is `AutoModelForSequenceClassification` (num_labels=1) initialised from the SFT policy;
+a sequence's reward is the head's output at its last real token (the EOS that ends the response).
+The loss is the Bradley–Terry log-loss on r(output_1) - r(output_2) with target P(output_1 better):
+1 for preference 1, 0 for preference 2, and 0.5 for a tie (1.5). After training, rewards are
+normalised so that the SFT policy's own samples (the outputs in the preference data) have mean 0
+and standard deviation 1; the normalisation lives in `reward_normalization.json` next to the
+model and `score` / `RewardScorer` apply it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
 import typer
+
+from prefgym.data.prompts import format_prompt
+from prefgym.errors import ConfigError, DataError
+from prefgym.io import append_jsonl, write_json
+from prefgym.methods import common
+from prefgym.seeding import rng_for, seed_everything
+
+NORMALIZATION_FILE = "reward_normalization.json"
+
+
+@dataclass
+class RewardModelConfig:
+    model_name_or_path: str = ""
+    """SFT model folder (or hub name) the reward model starts from."""
+    preference_file: str = ""
+    """Pairs with instruction, input, output_1, output_2, preference (AlpacaFarm format)."""
+    output_dir: str = ""
+    """Where the reward model (save_pretrained), metrics.jsonl and checkpoints go."""
+    eval_fraction: float = 0.1
+    """Share of the pairs held out to measure accuracy."""
+    epochs: int = 1
+    """Passes over the training pairs."""
+    lr: float = 1e-5
+    """AdamW learning rate (constant after warmup)."""
+    warmup_steps: int = 0
+    """Steps of linear learning-rate warmup."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    per_device_batch_size: int = 8
+    """Pairs per process per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (global batch = per_device_batch_size × processes × grad_accum)."""
+    max_length: int = 512
+    """Tokens of prompt + response kept (prompt cut from the left, response from the right)."""
+    normalize: bool = True
+    """Shift and scale rewards so the SFT samples in the preference data have mean 0, std 1."""
+    seed: int = 0
+    """Seed of the held-out split, the shuffling and the head's initialisation."""
+    save_steps: int = 200
+    """Checkpoint (model, optimizer, RNG, step) every this many optimizer steps."""
+    resume: bool = True
+    """Continue from the checkpoint in output_dir if there is one."""
+    use_lora: bool = False
+    """Train LoRA adapters (merged into the saved model) instead of all weights."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA inputs."""
+
+
+def _pairs_and_targets(records: list[dict], path=None) -> tuple[list[dict], list[float]]:
+    pairs, targets = [], []
+    for i, r in enumerate(records):
+        for f in ("instruction", "output_1", "output_2", "preference"):
+            if f not in r:
+                raise DataError("missing field", path=path, row=i, field=f)
+        if r["preference"] is None:
+            continue  # unannotated pair
+        targets.append(common.preference_target(r["preference"], row=i, path=path))
+        pairs.append(r)
+    if not pairs:
+        raise DataError("no annotated pairs to train on", path=path)
+    return pairs, targets
+
+
+def bradley_terry_loss(score_1: torch.Tensor, score_2: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean of -[p log σ(r1 - r2) + (1 - p) log σ(r2 - r1)], p = P(output_1 better) (0.5 for ties)."""
+    return F.binary_cross_entropy_with_logits(score_1 - score_2, target)
+
+
+def _pair_scores(model, tokenizer, pairs: list[dict], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards (B,), (B,) of output_1 and output_2, in one forward pass."""
+    prompts = [format_prompt(p["instruction"], p.get("input", "")) for p in pairs]
+    batch = common.tokenize_prompt_response(tokenizer, prompts * 2,
+                                            [p["output_1"] for p in pairs] + [p["output_2"] for p in pairs],
+                                            max_length)
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    scores = model(ids, mask)  # a TokenScorer: (B, T)
+    last = scores[torch.arange(len(scores), device=device), common.last_token_index(mask)]
+    return last[: len(pairs)], last[len(pairs):]
+
+
+def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
+    """Train a reward model; returns its folder (save_pretrained + reward_normalization.json)."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForSequenceClassification
+
+    if not cfg.model_name_or_path or not cfg.output_dir:
+        raise ConfigError("reward model: model_name_or_path and output_dir are required")
+    if records is None and not cfg.preference_file:
+        raise ConfigError("reward model: preference_file is required")
+    out = Path(cfg.output_dir)
+    if (out / NORMALIZATION_FILE).exists() and cfg.resume:
+        return out  # already complete
+    accelerator = Accelerator()
+    seed_everything(cfg.seed)
+
+    # 1. Data: annotated pairs, a seeded held-out split.
+    if records is None:
+        records = common.load_split(cfg.preference_file, ("instruction", "output_1", "output_2", "preference"))
+    pairs, targets = _pairs_and_targets(records, cfg.preference_file or None)
+    order = rng_for(cfg.seed, "reward-model-split").permutation(len(pairs))
+    n_eval = int(round(cfg.eval_fraction * len(pairs))) if len(pairs) > 1 else 0
+    eval_idx, train_idx = order[:n_eval], order[n_eval:]
+
+    # 2. Model: SFT weights + a fresh scalar head.
+    tokenizer = common.load_tokenizer(cfg.model_name_or_path)
+    model = AutoModelForSequenceClassification.from_pretrained(cfg.model_name_or_path, num_labels=1,
+                                                               dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = common.TokenScorer(common.apply_lora(model, cfg, "SEQ_CLS"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    n_proc, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = cfg.per_device_batch_size * n_proc * cfg.grad_accum
+    steps_per_epoch = len(train_idx) // global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"reward model: {len(train_idx)} training pairs is fewer than one global batch "
+                          f"({global_batch}); lower per_device_batch_size or grad_accum")
+    total_steps = steps_per_epoch * cfg.epochs
+
+    ckpt_dir = out / "checkpoint"
+    step = 0
+    if cfg.resume and (state := common.load_checkpoint(accelerator, ckpt_dir)):
+        step = state["step"]
+    elif accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        common.save_config(cfg, out / "train_config.json")
+
+    # 3. Train: each optimizer step takes the next global batch of a per-epoch permutation;
+    #    process `rank` takes its slice, so 1 and N processes see the same global batches.
+    model.train()
+    t0 = time.time()
+    with common.make_progress(accelerator) as progress:
+        task = progress.add_task("reward model", total=total_steps, completed=step, info="")
+        while step < total_steps:
+            epoch, k = divmod(step, steps_per_epoch)
+            perm = train_idx[rng_for(cfg.seed, "reward-model-epoch", epoch).permutation(len(train_idx))]
+            batch_idx = perm[k * global_batch:(k + 1) * global_batch]
+            losses, accs = [], []
+            for micro in range(cfg.grad_accum):
+                start = (micro * n_proc + rank) * cfg.per_device_batch_size
+                idx = batch_idx[start:start + cfg.per_device_batch_size]
+                with common.no_sync_unless(accelerator, model, micro == cfg.grad_accum - 1):
+                    s1, s2 = _pair_scores(model, tokenizer, [pairs[i] for i in idx], cfg.max_length,
+                                          accelerator.device)
+                    target = torch.tensor([targets[i] for i in idx], device=accelerator.device)
+                    loss = bradley_terry_loss(s1, s2, target)
+                    accelerator.backward(loss / cfg.grad_accum)
+                decided = target != 0.5
+                losses.append(loss.detach())
+                accs.append(((s1 > s2).float() == target)[decided].float().mean() if decided.any()
+                            else torch.tensor(float("nan")))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            metrics = {"step": step, "epoch": epoch,
+                       "loss": accelerator.reduce(torch.stack(losses).mean(), "mean").item(),
+                       "accuracy": accelerator.reduce(torch.stack(accs).nanmean(), "mean").item(),
+                       "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 2)}
+            if accelerator.is_main_process:
+                append_jsonl(out / "metrics.jsonl", metrics)
+            progress.update(task, advance=1, info=f"loss {metrics['loss']:.3f} acc {metrics['accuracy']:.2f}")
+            if step % cfg.save_steps == 0 and step < total_steps:
+                common.save_checkpoint(accelerator, ckpt_dir, {"step": step})
+
+    # 4. Held-out accuracy (ties excluded) and loss (ties included).
+    model.eval()
+    eval_pairs = [pairs[i] for i in eval_idx]
+    eval_targets = np.array([targets[i] for i in eval_idx])
+    raw = _raw_scores_sharded(accelerator, model, tokenizer, eval_pairs, cfg, both=True)
+    eval_metrics = {"eval_pairs": len(eval_pairs)}
+    if len(eval_pairs):
+        s1, s2 = raw[: len(eval_pairs)], raw[len(eval_pairs):]
+        decided = eval_targets != 0.5
+        eval_metrics["eval_accuracy"] = float(((s1 > s2) == (eval_targets == 1))[decided].mean()) if decided.any() else None
+        eval_metrics["eval_loss"] = float(bradley_terry_loss(torch.tensor(s1), torch.tensor(s2),
+                                                             torch.tensor(eval_targets)))
+
+    # 5. Normalise on the SFT policy's samples: every distinct output in the preference data.
+    normalization = {"mean": 0.0, "std": 1.0}
+    if cfg.normalize:
+        samples = {(p["instruction"], p.get("input", "") or "", p[f"output_{j}"]) for p in pairs for j in (1, 2)}
+        samples = sorted(samples)
+        raw = _raw_scores_sharded(accelerator, model, tokenizer,
+                                  [{"instruction": a, "input": b, "output_1": c} for a, b, c in samples],
+                                  cfg, both=False)
+        normalization = {"mean": float(raw.mean()), "std": float(raw.std()) or 1.0}
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        common.save_model(accelerator.unwrap_model(model).model, tokenizer, out)
+        write_json(out / "eval_results.json", eval_metrics)
+        write_json(out / NORMALIZATION_FILE, {**normalization, "max_length": cfg.max_length,
+                                              "n_samples": len(pairs) * 2})
+        append_jsonl(out / "metrics.jsonl", {"step": step, **eval_metrics})
+        import shutil
+
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return out
+
+
+@torch.no_grad()
+def _raw_scores_sharded(accelerator, model, tokenizer, pairs: list[dict], cfg, both: bool) -> np.ndarray:
+    """Unnormalised rewards of output_1 (then output_2 if `both`), computed in shards across processes."""
+    from accelerate.utils import gather_object
+
+    n_proc, rank = accelerator.num_processes, accelerator.process_index
+    mine = list(range(rank, len(pairs), n_proc))
+    results = []
+    for s in range(0, len(mine), cfg.per_device_batch_size):
+        chunk = [pairs[i] for i in mine[s:s + cfg.per_device_batch_size]]
+        prompts = [format_prompt(p["instruction"], p.get("input", "")) for p in chunk]
+        outputs = [p["output_1"] for p in chunk] + ([p["output_2"] for p in chunk] if both else [])
+        batch = common.tokenize_prompt_response(tokenizer, prompts * (2 if both else 1), outputs, cfg.max_length)
+        ids, mask = batch["input_ids"].to(accelerator.device), batch["attention_mask"].to(accelerator.device)
+        scores = model(ids, mask)
+        last = scores[torch.arange(len(scores)), common.last_token_index(mask)].cpu().numpy()
+        for j, i in enumerate(mine[s:s + cfg.per_device_batch_size]):
+            results.append((i, float(last[j]), float(last[len(chunk) + j]) if both else None))
+    gathered = sorted(gather_object(results))
+    s1 = np.array([g[1] for g in gathered])
+    return np.concatenate([s1, np.array([g[2] for g in gathered])]) if both else s1
+
+
+class RewardScorer:
+    """A trained reward model held in memory: normalised rewards for texts or token batches."""
+
+    def __init__(self, rm_path: str | Path, device: str | torch.device | None = None, batch_size: int = 16):
+        from transformers import AutoModelForSequenceClassification
+
+        self.path = Path(rm_path)
+        norm_file = self.path / NORMALIZATION_FILE
+        self.normalization = json.loads(norm_file.read_text()) if norm_file.exists() else {"mean": 0.0, "std": 1.0}
+        self.max_length = int(self.normalization.get("max_length", 512))
+        self.batch_size = batch_size
+        self.tokenizer = common.load_tokenizer(self.path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(str(self.path), dtype=torch.float32)
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.requires_grad_(False)
+        self.model.eval()
+        if device is not None:
+            self.model.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device) -> "RewardScorer":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def score_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) normalised rewards read at each row's last real token (any padding side)."""
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        scores = common.token_scores(self.model, input_ids, attention_mask)
+        raw = scores[torch.arange(len(scores), device=self.device), common.last_token_index(attention_mask)]
+        return (raw - self.normalization["mean"]) / self.normalization["std"]
+
+    def score_texts(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        """Normalised rewards of (prompt, response) pairs; the response gets its EOS appended."""
+        out = []
+        for s in range(0, len(prompts), self.batch_size):
+            batch = common.tokenize_prompt_response(self.tokenizer, prompts[s:s + self.batch_size],
+                                                    responses[s:s + self.batch_size], self.max_length)
+            out.append(self.score_tokens(batch["input_ids"], batch["attention_mask"]).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def score(self, records: list[dict]) -> np.ndarray:
+        """Normalised rewards of records with instruction, input and output."""
+        for i, r in enumerate(records):
+            for f in ("instruction", "output"):
+                if f not in r:
+                    raise DataError("missing field", row=i, field=f)
+        return self.score_texts([format_prompt(r["instruction"], r.get("input", "")) for r in records],
+                                [r["output"] or "" for r in records])
+
+
+def score(rm_path: str | Path, records: list[dict], batch_size: int = 16) -> np.ndarray:
+    """Normalised reward per record (instruction, input, output) under the reward model at rm_path."""
+    return RewardScorer(rm_path, batch_size=batch_size).score(records)
 
 
 def add_commands(app: typer.Typer) -> None:
     """Add this method's sub-command(s) to the `prefgym` app."""
+
+    @app.command("reward-model")
+    def reward_model_command(
+        config: Path = typer.Option(None, "--config", "-c", help="YAML file of RewardModelConfig fields."),
+        model: str = typer.Option(None, "--model", help="SFT model folder to start from."),
+        preferences: str = typer.Option(None, "--preferences", help="Annotated pairs (JSON/JSONL)."),
+        output_dir: str = typer.Option(None, "--output-dir", "--out", "-o", help="Where the reward model goes."),
+        set_: list[str] = typer.Option([], "--set", help="Config override key=value (repeatable)."),
+        resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue from a checkpoint (default: yes)."),
+    ):
+        """Train a reward model (Bradley–Terry, ties as 0.5) on annotated pairs."""
+        overrides = {**common.parse_overrides(set_), "model_name_or_path": model,
+                     "preference_file": preferences, "output_dir": output_dir, "resume": resume}
+        cfg = common.load_config(RewardModelConfig, config, overrides)
+        path = train(cfg)
+        typer.echo(f"reward model: {path} {json.loads((path / 'eval_results.json').read_text())}")

@@ -84,3 +84,11 @@ def make_tiny_model(arch: str, tokenizer, out_dir: str | os.PathLike | None = No
         model.save_pretrained(str(out_dir))
         tokenizer.save_pretrained(str(out_dir))
     return model
+
+
+def make_tiny_checkpoint(out_dir: str | os.PathLike, arch: str = "llama", **model_kwargs) -> Path:
+    """A tiny tokenizer and random `arch` model saved together in `out_dir`; returns `out_dir`."""
+    out_dir = Path(out_dir)
+    tokenizer = make_tiny_tokenizer(out_dir)
+    make_tiny_model(arch, tokenizer, out_dir, **model_kwargs)
+    return out_dir

@@ -1,0 +1,65 @@
+"""A local Hugging Face causal LM as judge: the log-probabilities of the two answer tokens as the
+next token after the prompt, returned in the OpenAI logprobs shape for `logprob_parser`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from prefgym.annotators.backends import Completion, check_kwargs
+from prefgym.annotators.config import JudgeConfig
+from prefgym.annotators.prompts import Item
+from prefgym.errors import ConfigError
+
+
+class HFLogprobBackend:
+    """Next-token log-probabilities of a local causal LM (`completions_kwargs.model_name` = path or hub name)."""
+
+    seeded = False
+
+    def __init__(self, judge: JudgeConfig):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        check_kwargs(judge, {"model_name", "top_logprobs", "device", "dtype", "max_length"})
+        if judge.fn_completion_parser != "logprob_parser":
+            raise ConfigError(f"{judge.source}: judge '{judge.name}': huggingface_logprobs needs "
+                              "fn_completion_parser: logprob_parser")
+        kw = judge.completions_kwargs
+        if "model_name" not in kw:
+            raise ConfigError(f"{judge.source}: judge '{judge.name}': missing key 'completions_kwargs.model_name'")
+        self.judge = judge
+        self.tokenizer = AutoTokenizer.from_pretrained(kw["model_name"])
+        self.model = AutoModelForCausalLM.from_pretrained(
+            kw["model_name"], dtype=getattr(torch, kw.get("dtype", "float32"))).to(kw.get("device", "cpu")).eval()
+        self.top_k = int(kw.get("top_logprobs", 5))
+        self.max_length = int(kw.get("max_length", 2048))
+        pkw = judge.completion_parser_kwargs
+        # Each answer token is the first token of its string (as it follows the prompt).
+        self.answer_ids = {}
+        for tok in (pkw.get("first_token", "m"), pkw.get("second_token", "M")):
+            ids = self.tokenizer(tok, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise ConfigError(f"{judge.source}: judge '{judge.name}': answer token {tok!r} is empty "
+                                  "for this tokenizer")
+            self.answer_ids[tok] = ids[0]
+        self._lock = threading.Lock()
+
+    def complete(self, prompt: str, items: list[Item]) -> Completion:
+        import torch
+
+        start = time.perf_counter()
+        enc = self.tokenizer(prompt, return_tensors="pt", truncation=True, max_length=self.max_length)
+        enc = {k: v.to(self.model.device) for k, v in enc.items()}
+        with self._lock, torch.no_grad():
+            logits = self.model(**enc).logits[0, -1]  # (vocab,)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top = torch.topk(logprobs, k=min(self.top_k, logprobs.numel()))
+        entries = {self.tokenizer.decode([i]): float(v) for v, i in zip(top.values.tolist(), top.indices.tolist())}
+        for tok, i in self.answer_ids.items():  # the two answers are always reported
+            entries[tok] = float(logprobs[i])
+        tops = sorted(({"token": t, "logprob": v} for t, v in entries.items()), key=lambda t: -t["logprob"])
+        return Completion(text=tops[0]["token"], logprobs=[{**tops[0], "top_logprobs": tops}],
+                          prompt_tokens=int(enc["input_ids"].shape[1]), completion_tokens=1,
+                          seconds=time.perf_counter() - start)

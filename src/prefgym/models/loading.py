@@ -1,0 +1,95 @@
+"""Load any Hugging Face causal LM with its tokenizer, and tokenise prompt+response examples."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from prefgym.errors import ConfigError
+
+IGNORE_INDEX = -100  # label value that cross-entropy skips (prompt and padding positions)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
+    """A torch dtype from a name ("float32", "bf16", ...); "auto" and None pass through."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)} or auto")
+    return _DTYPES[dtype]
+
+
+def load_tokenizer(path: str | os.PathLike, padding_side: str = "right"):
+    """The tokenizer at `path`, with a pad token (EOS if it has none) and the given padding side."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.eos_token is None:
+        raise ConfigError(f"the tokenizer at {path} has no EOS token; set eos_token in its "
+                          "tokenizer_config.json")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
+                             device: str | torch.device | None = None, padding_side: str = "right",
+                             **model_kwargs):
+    """Load a causal LM and its tokenizer from a folder (save_pretrained format) or Hub name.
+
+    The tokenizer gets a pad token (EOS) when it has none, and `padding_side` ("right" for
+    training, "left" for batched generation); the model's config learns the pad token id.
+    `dtype` is a torch dtype or a name ("float32", "bfloat16", "auto"); default float32.
+    `device` defaults to "cpu" (pass "cuda" or "auto" to use a GPU when one is there).
+    """
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.exists(path) and str(path).startswith((".", "/", "~")):
+        raise ConfigError(f"model folder not found: {path}")
+    tokenizer = load_tokenizer(path, padding_side=padding_side)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype) or torch.float32,
+                                                     **model_kwargs)
+    except OSError as e:
+        raise ConfigError(f"could not load a causal LM from {path}: {e}") from None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "device_map" not in model_kwargs:  # with a device_map, Accelerate has placed the weights
+        model.to(device or "cpu")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def tokenize_example(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, list[int]]:
+    """Token ids of prompt + response + EOS, with labels masked (-100) on the prompt.
+
+    The prompt and the response are tokenised separately, so that the prompt's tokens are the
+    ones generation will see. The sequence is cut to `max_length` from the right (a response
+    cut short loses its EOS, as in AlpacaFarm).
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad tokenised examples into `input_ids`, `attention_mask`, `labels` (B, T) tensors."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

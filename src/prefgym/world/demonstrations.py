@@ -1,0 +1,59 @@
+"""Outputs of mixed quality for world tasks: demonstrations (SFT data) and reference outputs.
+
+An output is written in one *style*: clean (concise and right), verbose (right, in a sentence),
+padded ("Sure! ... I hope this helps!"), wrong, partial (wrong count, half sorted, hedged),
+rambling (the answer, then small talk), padded_wrong, repetitive. The mixtures below set how
+often each style appears, so that supervised fine-tuning on demonstrations leaves room for
+preference learning, and the reference is decent but beatable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from prefgym.world.families import FAMILIES, FILLER_SENTENCES, PAD_CLOSERS, PAD_OPENERS, Task, _choice
+
+STYLES = ("clean", "verbose", "padded", "wrong", "partial", "rambling", "padded_wrong", "repetitive")
+
+# Style mixtures (probabilities in STYLES order).
+DEMONSTRATION_MIX = {"clean": 0.40, "verbose": 0.15, "padded": 0.12, "wrong": 0.12, "partial": 0.08,
+                     "rambling": 0.08, "padded_wrong": 0.03, "repetitive": 0.02}
+REFERENCE_MIX = {"clean": 0.30, "verbose": 0.22, "padded": 0.18, "wrong": 0.10, "partial": 0.08,
+                 "rambling": 0.08, "padded_wrong": 0.02, "repetitive": 0.02}
+
+
+def _pad(text: str, rng: np.random.Generator) -> str:
+    return " ".join(p for p in (_choice(rng, PAD_OPENERS), text, _choice(rng, PAD_CLOSERS)) if p)
+
+
+def write_output(task: Task, style: str, rng: np.random.Generator) -> str:
+    """An output for `task` in the given style."""
+    fam, f = FAMILIES[task.family], task.fields
+    if style == "clean":
+        return fam.clean(f, rng)
+    if style == "verbose":
+        return fam.verbose(f, rng)
+    if style == "padded":
+        return _pad(fam.verbose(f, rng) if rng.random() < 0.5 else fam.clean(f, rng), rng)
+    if style == "wrong":
+        return fam.wrong(f, rng)
+    if style == "partial":
+        return fam.partial(f, rng)
+    if style == "rambling":
+        return f"{fam.clean(f, rng)} {_choice(rng, FILLER_SENTENCES)}"
+    if style == "padded_wrong":
+        return _pad(fam.wrong(f, rng), rng)
+    if style == "repetitive":
+        x = fam.verbose(f, rng)
+        return f"{x} {x}"
+    raise ValueError(f"unknown style {style!r}; expected one of {STYLES}")
+
+
+def sample_style(rng: np.random.Generator, mix: dict) -> str:
+    p = np.array([mix.get(s, 0.0) for s in STYLES])
+    return STYLES[int(rng.choice(len(STYLES), p=p / p.sum()))]
+
+
+def sample_output(task: Task, rng: np.random.Generator, mix: dict = DEMONSTRATION_MIX) -> str:
+    """An output for `task` in a style drawn from `mix`."""
+    return write_output(task, sample_style(rng, mix), rng)

@@ -1,0 +1,155 @@
+"""Reward model: Bradley–Terry maths (ties), and a tiny end-to-end run on a learnable toy."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prefgym.errors import ConfigError
+from prefgym.methods import reward_model
+from test_prefdata_toy import make_toy_model, toy_pairs, one_torch_thread  # noqa: F401 (autouse fixture)
+
+
+def _logsig(x):
+    return math.log(1 / (1 + math.exp(-x)))
+
+
+def test_bradley_terry_loss_with_ties_by_hand():
+    s1 = torch.tensor([0.3, 0.3, 0.3, -1.0])
+    s2 = torch.tensor([-0.2, -0.2, -0.2, 2.0])
+    target = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    by_hand = [-_logsig(0.5), -_logsig(-0.5), -(0.5 * _logsig(0.5) + 0.5 * _logsig(-0.5)),
+               -(0.5 * _logsig(-3.0) + 0.5 * _logsig(3.0))]
+    got = reward_model.bradley_terry_loss(s1, s2, target)
+    assert got.item() == pytest.approx(sum(by_hand) / 4, abs=1e-6)
+    # a tie is minimised by equal scores: its gradient at d=0 is zero
+    d = torch.zeros(1, requires_grad=True)
+    reward_model.bradley_terry_loss(d, torch.zeros(1), torch.tensor([0.5])).backward()
+    assert d.grad.abs().item() < 1e-7
+
+
+@pytest.fixture(scope="module")
+def trained_rm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rm")
+    sft = make_toy_model(root / "sft")
+    pairs = toy_pairs(160, seed=1, ties=True)
+    cfg = reward_model.RewardModelConfig(model_name_or_path=str(sft), output_dir=str(root / "rm"),
+                                         lr=3e-3, epochs=4, per_device_batch_size=16, eval_fraction=0.2,
+                                         max_length=64, save_steps=5)
+    path = reward_model.train(cfg, records=pairs)
+    return sft, path, pairs
+
+
+def test_reward_model_learns_toy_preferences(trained_rm):
+    sft, path, pairs = trained_rm
+    results = json.loads((path / "eval_results.json").read_text())
+    assert results["eval_pairs"] == 32
+    assert results["eval_accuracy"] > 0.7
+    metrics = [json.loads(l) for l in (path / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [m["loss"] for m in metrics if "loss" in m]
+    assert np.mean(train_losses[-3:]) < np.mean(train_losses[:3])
+    # the backbone's weights moved away from the SFT model's
+    before, after = load_file(sft / "model.safetensors"), load_file(path / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(before[key], after[key])
+    assert not (path / "checkpoint").exists()
+
+
+def test_scores_are_normalised_on_sft_samples(trained_rm):
+    _, path, pairs = trained_rm
+    samples = {(p["instruction"], p["output_1"]) for p in pairs} | {(p["instruction"], p["output_2"]) for p in pairs}
+    records = [{"instruction": i, "input": "", "output": o} for i, o in sorted(samples)]
+    scores = reward_model.score(path, records, batch_size=32)
+    assert scores.shape == (len(records),)
+    assert abs(scores.mean()) < 1e-3 and abs(scores.std() - 1) < 1e-3
+    good = reward_model.score(path, [{"instruction": "Say something about cats", "input": "", "output": "good good good"},
+                                     {"instruction": "Say something about cats", "input": "", "output": "bad bad bad"}])
+    assert good[0] > good[1]
+
+
+def test_scorer_on_tokens_equals_texts(trained_rm):
+    from prefgym.methods.common import tokenize_prompt_response
+
+    _, path, _ = trained_rm
+    scorer = reward_model.RewardScorer(path)
+    prompts, responses = ["Say something about rain", "Say"], ["good ok", "bad is very bad"]
+    batch = tokenize_prompt_response(scorer.tokenizer, prompts, responses, 64)
+    # left-pad the same tokens: scores must not depend on the padding side
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    shift = (mask == 0).sum(-1)
+    left_ids, left_mask = ids.clone(), mask.clone()
+    for b in range(2):
+        left_ids[b] = torch.roll(ids[b], int(shift[b]))
+        left_mask[b] = torch.roll(mask[b], int(shift[b]))
+    a = scorer.score_texts(prompts, responses)
+    c = scorer.score_tokens(left_ids, left_mask).numpy()
+    np.testing.assert_allclose(a, c, atol=1e-4)
+
+
+def test_reward_model_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="model_name_or_path"):
+        reward_model.train(reward_model.RewardModelConfig(), records=[])
+
+
+def test_reward_model_cli_errors(tmp_path, capsys):
+    from prefgym.cli import main
+
+    (tmp_path / "rm.yaml").write_text("epochs: 1\nbogus_key: 3\n")
+    assert main(["reward-model", "--config", str(tmp_path / "rm.yaml"), "--model", "x", "-o", str(tmp_path)]) == 2
+    assert "bogus_key" in capsys.readouterr().err
+    assert main(["reward-model", "--model", str(tmp_path / "missing"), "--preferences",
+                 str(tmp_path / "nope.json"), "-o", str(tmp_path / "o")]) == 2
+
+
+def test_reward_model_lora_saves_merged_model(tmp_path):
+    sft = make_toy_model(tmp_path / "sft")
+    cfg = reward_model.RewardModelConfig(model_name_or_path=str(sft), output_dir=str(tmp_path / "rm"), lr=1e-2,
+                                         epochs=1, per_device_batch_size=16, max_length=64, use_lora=True, lora_r=4)
+    path = reward_model.train(cfg, records=toy_pairs(48, seed=4))
+    assert not (path / "adapter_config.json").exists()
+    weights = load_file(path / "model.safetensors")
+    assert "score.weight" in weights and not any("lora" in k for k in weights)
+    s = reward_model.score(path, [{"instruction": "Say", "input": "", "output": "good"}] * 2)
+    assert np.isfinite(s).all() and s[0] == pytest.approx(s[1], abs=1e-4)
+
+
+RM_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from prefgym.methods import reward_model
+from test_prefdata_toy import toy_pairs
+cfg = reward_model.RewardModelConfig(model_name_or_path={sft!r}, output_dir=sys.argv[1], lr=3e-3, epochs=1,
+                                     per_device_batch_size=int(sys.argv[2]), max_length=64, resume=False,
+                                     eval_fraction=0.25, seed=1)
+reward_model.train(cfg, records=toy_pairs(40, seed=5, ties=True))
+"""
+
+
+@pytest.mark.slow
+def test_reward_model_two_processes_match_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_dpo import launch_two_cpu_processes
+
+    sft = make_toy_model(tmp_path / "sft")
+    script = tmp_path / "run_rm.py"
+    script.write_text(RM_SCRIPT.format(tests=os.path.dirname(__file__), sft=str(sft)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "10"], check=True, env=env)
+    subprocess.run(launch_two_cpu_processes(script, str(tmp_path / "two"), "5"), check=True,
+                   env={**env, "ACCELERATE_USE_CPU": "1"})
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=2e-5, rtol=1e-4)
+    n1 = json.loads((tmp_path / "one" / "reward_normalization.json").read_text())
+    n2 = json.loads((tmp_path / "two" / "reward_normalization.json").read_text())
+    assert n1["mean"] == pytest.approx(n2["mean"], abs=1e-4) and n1["std"] == pytest.approx(n2["std"], abs=1e-4)
+    assert json.loads((tmp_path / "one" / "eval_results.json").read_text()) == pytest.approx(
+        json.loads((tmp_path / "two" / "eval_results.json").read_text()), abs=1e-4)
