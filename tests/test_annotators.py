@@ -101,7 +101,9 @@ def test_regex_and_json_parsers():
     out = parse_completion("regex_parser", kw, Completion("Output (a)"), 2)
     assert out[0][0] is None and "expected 2 answers" in out[0][1]
     out = parse_completion("json_parser", {}, Completion("no json here"), 1)
-    assert out == [(None, "no JSON found in the completion")]
+    assert out == [(None, "no valid JSON object or list of objects in the completion")]
+    cot = 'Output 1 cites [1] wrongly; so {"concise_explanation": "2 is right", "preference": 2} done'
+    assert json_parser(Completion(cot)) == [2.0]
     out = parse_completion("json_parser", {}, Completion('[{"preference": 1}, {"preference": 7}]'), 2)
     assert out[0] == (1.0, None) and out[1][0] is None
 

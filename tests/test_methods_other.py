@@ -231,3 +231,31 @@ def test_method_commands_have_help_and_reject_unknown_keys(models, tmp_path, cap
                  "--out", str(tmp_path / "fm"), "--set", "learning_rate=1e-3"])
     assert code == 2
     assert "unknown key 'learning_rate'" in capsys.readouterr().err
+
+
+RC_SCRIPT = """
+import sys
+from prefgym.methods import reward_conditioning as rc
+pairs = {pairs!r}
+cfg = rc.RewardConditioningConfig(model_name_or_path={policy!r}, output_dir=sys.argv[1], epochs=1, max_steps=2,
+                                  lr=1e-2, per_device_batch_size=1, save_steps=0, progress=False, max_length=128)
+rc.train(cfg, pairs=pairs)
+"""
+
+
+@pytest.mark.slow
+def test_reward_conditioning_under_two_processes(models, tmp_path):
+    """Two CPU processes: the main one adds the tokens once, both train, one conditioned model comes out."""
+    import os
+    import subprocess
+
+    from test_dpo import launch_two_cpu_processes
+
+    script = tmp_path / "run_rc.py"
+    script.write_text(RC_SCRIPT.format(pairs=PAIRS, policy=str(models[0])))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    subprocess.run(launch_two_cpu_processes(script, str(tmp_path / "rc")), check=True, env=env)
+    out = tmp_path / "rc"
+    assert reward_conditioning.read_conditioning(out) == "<good>"
+    assert json.loads((out / "sft_config.json").read_text())["num_processes"] == 2
+    _assert_changed_and_reloads(models[0], out)

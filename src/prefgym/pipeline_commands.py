@@ -1,7 +1,36 @@
-"""`prefgym` sub-commands of this area."""
+"""`prefgym run`: the whole pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 
 def add_commands(app: typer.Typer) -> None:
-    """Add this area's sub-commands to the `prefgym` app."""
+    @app.command("run")
+    def run_command(
+        scale: Optional[str] = typer.Option(None, help="quick (a smoke run) or default (≈10 min on 2 CPU cores)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default prefgym-runs/<scale>)."),
+        config: Optional[Path] = typer.Option(None, "--config", help="Run config YAML (real models, data, judges)."),
+        seed: Optional[int] = typer.Option(None, help="Seed of the world and every stage."),
+        validate: bool = typer.Option(False, "--validate",
+                                      help="Also train on the simulated humans' preferences and report the "
+                                           "rank correlation of methods between simulated and human feedback."),
+        methods: Optional[str] = typer.Option(None, help="Comma-separated subset of methods to run."),
+    ) -> None:
+        """Run the whole AlpacaFarm loop: world → SFT → pairs → reward model → every method → evaluation.
+
+        Reads: the built-in world (built on demand) or the data/models/judges of --config.
+        Writes into the run folder: one sub-folder per stage, leaderboard.csv, leaderboard.md,
+        report.html. Rerunning the same command resumes at the first unfinished stage.
+        """
+        from prefgym.pipeline import load_run_config, run
+
+        cfg = load_run_config(config, scale=scale, seed=seed, out_dir=str(out) if out else None,
+                              validate=validate or None,
+                              methods=methods.split(",") if methods else None)
+        folder = run(cfg)
+        typer.echo((folder / "leaderboard.md").read_text())
+        typer.echo(f"wrote {folder / 'leaderboard.csv'}, {folder / 'leaderboard.md'}, {folder / 'report.html'}")

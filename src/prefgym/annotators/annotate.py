@@ -187,19 +187,22 @@ def annotate_pairs(pairs: list[dict], annotators: str | PoolConfig = "world_pool
             todo.append((judge, missing, cache_keys))
     total = sum(len(m) for _, m, _ in todo)
     columns = [TextColumn("annotating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress or total == 0) as bar:
-        task = bar.add_task("annotate", total=total)
-        for judge, missing, cache_keys in todo:
-            n_calls += _run_judge(judge, missing, cache_keys, cache, answers,
-                                  lambda n: bar.advance(task, n))
-            n_called += len(missing)
-    cache.close()
+    try:
+        with Progress(*columns, disable=not progress or total == 0) as bar:
+            task = bar.add_task("annotate", total=total)
+            for judge, missing, cache_keys in todo:
+                n_calls += _run_judge(judge, missing, cache_keys, cache, answers,
+                                      lambda n: bar.advance(task, n))
+                n_called += len(missing)
+    finally:
+        cache.close()
 
     # 5. Assemble rows; label-flip noise after the cache.
     out = []
     for r, key in zip(rows, keys):
         judge = pool.judges[judge_of[key]]
         row = dict(r, annotator=judge.name)
+        row.pop("error", None)
         a = answers.get(key)
         if a is None:  # identical outputs
             row.update(preference=1.5, price_per_example=0.0, time_per_example=0.0,

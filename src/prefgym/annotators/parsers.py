@@ -47,14 +47,16 @@ def regex_parser(completion: Completion, outputs_to_match: dict) -> list[float |
 
 
 def _find_json(text: str):
-    text = re.sub(r"^```(?:json)?\s*|\s*```\s*$", "", text.strip())
-    starts = [i for i in (text.find("["), text.find("{")) if i >= 0]
-    if not starts:
-        raise ParseError("no JSON found in the completion")
-    try:
-        return json.JSONDecoder().raw_decode(text[min(starts):])[0]
-    except json.JSONDecodeError as e:
-        raise ParseError(f"invalid JSON in the completion: {e.msg}") from None
+    """The first JSON object or list of objects in the text (reasoning before it, code fences allowed)."""
+    decoder = json.JSONDecoder()
+    for m in re.finditer(r"[\[{]", text):
+        try:
+            value = decoder.raw_decode(text[m.start():])[0]
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict) or (isinstance(value, list) and value and all(isinstance(v, dict) for v in value)):
+            return value
+    raise ParseError("no valid JSON object or list of objects in the completion")
 
 
 def json_parser(completion: Completion, annotation_key: str = "preference",
