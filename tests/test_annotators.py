@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,6 +96,8 @@ def test_render_prompt_swaps_and_batches_without_filling_output_text():
 def test_regex_and_json_parsers():
     kw = {"outputs_to_match": {1: r"Output \(a\)", 2: r"Output \(b\)"}}
     assert regex_parser(Completion("Example 1: Output (b)\nExample 2: Output (a)\nOutput (b)"), **kw) == [2, 1, 2]
+    tie_kw = {"outputs_to_match": {**kw["outputs_to_match"], 1.5: r"\bTie\b"}}
+    assert regex_parser(Completion("1: Tie\n2: Output (a)"), **tie_kw) == [1.5, 1.0]
     assert json_parser(Completion('```json\n{"concise_explanation": "x", "preference": 2}\n```')) == [2.0]
     assert json_parser(Completion('[{"preference": 1}, {"preference": "b"}, {"preference": 0}]'),
                        value_map={"b": 2}) == [1.0, 2.0, 1.5]
@@ -314,3 +317,14 @@ def test_unknown_placeholder_and_parser_key(tmp_path):
                                                "completion_parser_kwargs": {"outputs_to_mach": {}}}})
     with pytest.raises(ConfigError, match=r"pk\.yaml.*completion_parser_kwargs\.outputs_to_mach"):
         annotate_pairs([{"instruction": "a", "output_1": "x", "output_2": "y"}], p, cache_dir=tmp_path, progress=False)
+
+
+def test_default_cache_dir_is_prefgym_home(tmp_path, monkeypatch):
+    from prefgym.annotators.cache import default_cache_dir
+
+    monkeypatch.setenv("PREFGYM_HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / "cache"
+    annotate_pairs([{"instruction": "Add 2 and 2.", "output_1": "4", "output_2": "5"}], "world_greedy", progress=False)
+    assert (tmp_path / "home" / "cache" / "annotations.sqlite").exists()
+    monkeypatch.delenv("PREFGYM_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "prefgym"

@@ -31,9 +31,26 @@ def test_sft_on_world_demonstrations_beats_the_base_model(tiny_world, tmp_path):
 
     val = load_split(tiny_world, "val")
     cfg = SFTConfig(model_name_or_path=str(tiny_world / "base_model"), train_file=str(tiny_world / "data"),
-                    split="sft", output_dir=str(tmp_path / "sft"), epochs=3, lr=1e-3,
+                    split="sft", output_dir=str(tmp_path / "sft"), epochs=10, lr=3e-3,
                     per_device_batch_size=8, max_length=256, progress=False)
     sft = train_sft(cfg)
     base_q, sft_q = _mean_gold_quality(tiny_world / "base_model", val), _mean_gold_quality(sft, val)
     print(f"mean gold quality on val ({len(val)} instructions): base {base_q:.3f}, sft {sft_q:.3f}")
     assert sft_q > base_q + 0.1
+
+
+def test_sft_defaults_to_the_built_in_world(tiny_world, tmp_path, monkeypatch, capsys):
+    from prefgym.cli import main
+    from prefgym.world import default_world_dir
+
+    monkeypatch.setenv("PREFGYM_HOME", str(tmp_path / "home"))
+    out = tmp_path / "sft"
+    assert main(["sft", "--out", str(out), "--max-steps", "2", "--no-progress"]) == 2
+    assert "no --model given and the built-in world is not built" in capsys.readouterr().err
+
+    default_world_dir("default", 0).parent.mkdir(parents=True)
+    default_world_dir("default", 0).symlink_to(tiny_world)
+    assert main(["sft", "--out", str(out), "--max-steps", "2", "--batch-size", "2", "--no-progress"]) == 0
+    saved = __import__("json").loads((out / "sft_config.json").read_text())
+    assert saved["model_name_or_path"] == str(default_world_dir("default", 0) / "base_model")
+    assert saved["total_steps"] == 2 and (out / "model.safetensors").exists()

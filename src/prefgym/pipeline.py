@@ -216,7 +216,7 @@ class Pipeline:
                              output_dir=str(self.out / tag / "preference"), seed=self.cfg.seed))
 
     def pairs_file(self, tag: str) -> str:
-        return str(self.out / tag / "preference" / "pairs.json")
+        return str(self.out / tag / "preference" / "preferences.json")
 
     def reward_model(self, tag: str) -> None:
         from prefgym.methods.reward_model import RewardModelConfig, train

@@ -152,6 +152,7 @@ def annotate_pairs(pairs: list[dict], annotators: str | PoolConfig = "world_pool
     keys = [example_key(r["instruction"], r["input"], r["output_1"], r["output_2"]) for r in rows]
 
     # 1-2. Draw a judge and an order per distinct example.
+    hashes = [judge.cache_hash() for judge in pool.judges]
     by_judge: dict[int, dict[str, Item]] = {}
     judge_of: dict[str, int] = {}
     for r, key in zip(rows, keys):
@@ -164,7 +165,7 @@ def annotate_pairs(pairs: list[dict], annotators: str | PoolConfig = "world_pool
         judge = pool.judges[j]
         swapped = judge.is_randomize_output_order and uniform("swap", seed, key) < 0.5
         by_judge.setdefault(j, {})[key] = Item(key, r["instruction"], r["input"], r["output_1"], r["output_2"],
-                                               swapped, stable_hash("sample", seed, judge.name, key))
+                                               swapped, stable_hash("sample", seed, hashes[j], key))
 
     # 3-4. Answers from the cache, then from the judges.
     cache = AnnotationCache(cache_dir)
@@ -173,7 +174,7 @@ def annotate_pairs(pairs: list[dict], annotators: str | PoolConfig = "world_pool
     todo: list[tuple[JudgeConfig, list[Item], dict[str, str]]] = []
     for j, items in sorted(by_judge.items()):
         judge = pool.judges[j]
-        jhash, sample = judge.cache_hash(), (seed if _is_seeded(judge) else "")
+        jhash, sample = hashes[j], (seed if _is_seeded(judge) else "")
         cache_keys = {k: f"{jhash}:{k}:{int(it.swapped)}:{sample}" for k, it in items.items()}
         stored = cache.get_many(list(cache_keys.values()))
         missing = []

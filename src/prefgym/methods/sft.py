@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -277,23 +277,18 @@ def _world_path(name: str, flag: str) -> Path:
     return path
 
 
+@contextmanager
 def _progress_bar(enabled: bool, total: int, completed: int):
-    """A context giving `advance(loss)`: a rich progress bar, or nothing when disabled."""
-    from contextlib import contextmanager
+    """Yield `advance(loss)`: moves a rich progress bar, or does nothing when disabled."""
+    if not enabled:
+        yield lambda loss: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    @contextmanager
-    def bar():
-        if not enabled:
-            yield lambda loss: None
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        with Progress(TextColumn("sft"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                      TimeRemainingColumn()) as progress:
-            task = progress.add_task("sft", total=total, completed=completed, loss="-")
-            yield lambda loss: progress.update(task, advance=1, loss=f"{loss:.4f}")
-
-    return bar()
+    with Progress(TextColumn("sft"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                  TimeRemainingColumn()) as progress:
+        task = progress.add_task("sft", total=total, completed=completed, loss="-")
+        yield lambda loss: progress.update(task, advance=1, loss=f"{loss:.4f}")
 
 
 def add_commands(app: typer.Typer) -> None:
