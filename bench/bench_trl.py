@@ -1,16 +1,22 @@
-"""prefgym's DPO and PPO against TRL 1.9.0 (DPOTrainer; the last PPO trainer, trl.experimental.ppo).
+"""prefgym's DPO and PPO side by side with TRL 1.9.0 (DPOTrainer, trl.experimental.ppo.PPOTrainer).
 
-The same tiny Llama, data and batch settings are used for both libraries. Each run happens in its
-own process, so peak memory (ru_maxrss) is that run's alone. TRL goes into its own virtual
-environment (created on first use with torch==2.13.0 and trl==1.9.0). The script prints
-throughput (DPO pairs/s, PPO episodes/s), peak RSS and RSS growth during training, side by side
-with the ratios.
+    python bench/bench_trl.py [--methods dpo,ppo] [--repeats 2] [--threads 1] [--trl-venv DIR]
 
-    python bench/bench_trl.py                     # both methods
-    python bench/bench_trl.py --only dpo --pairs 512 --threads 2
+Both sides train the same tiny random Llama (hidden 64, 2 layers, a locally trained 512-token
+BPE tokenizer) on the same synthetic data with the same batch settings, each in its own
+process: prefgym with this interpreter, TRL with the python of a separate virtual environment
+(default /tmp/prefgym-bench-trl-venv, created on first use with trl==1.9.0 and torch,
+transformers, accelerate, datasets, tokenizers pinned to the versions prefgym is run with).
 
-Timing: prefgym's time is its whole `train()` call (including the one pass of reference
-log-probs); TRL's is `trainer.train()` (its dataset preprocessing is not counted).
+Each process first runs a short untimed warm-up training, then the timed one. "Training loop"
+time runs from the end of model loading / data preparation to the end of the last optimizer
+step: for prefgym's DPO it includes the pass that computes the reference log-probs, for TRL's
+DPO the reference forward passes inside every step. "End to end" adds model loading, data
+preparation and saving. Memory is the peak resident set size of the process (ru_maxrss), and
+the same minus the RSS once every library the run uses is imported. With --repeats > 1 the
+sides alternate and the best time / lowest memory of each side is kept.
+
+Prints both sides and the ratios (prefgym / TRL) and writes bench/results/trl.json.
 """
 
 from __future__ import annotations
@@ -18,215 +24,383 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-TRL_VENV = Path(os.environ.get("PREFGYM_TRL_VENV", "/tmp/prefgym-trl-venv"))
-WORDS = "good bad fine the a cat dog runs sits very small large red blue one two three".split()
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "trl.json"
+DEFAULT_TRL_VENV = Path("/tmp/prefgym-bench-trl-venv")
+# torch is pinned exactly (an unpinned torch pulls a multi-GB CUDA build); the others are the
+# versions prefgym is run with, so that both sides run the same transformers/accelerate code.
+TRL_REQUIREMENTS = ["torch==2.13.0", "trl==1.9.0", "transformers==5.24.0", "accelerate==1.15.0",
+                    "datasets==5.2.0", "tokenizers==0.23.3"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Child processes: one side, one method; warm-up run, timed run, times and memory as JSON.
 
 
 def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """Current resident set size of this process, MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
-# ----------------------------------------------------------------------------------- setup
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def setup(work: Path, args) -> None:
-    """Tiny Llama + tokenizer (policy), a reward model from it, pairs and prompts."""
+def _trl_marks(marks: list):
+    from transformers import TrainerCallback
+
+    class Marks(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            marks.append(("loop_start", time.perf_counter()))
+
+        def on_step_end(self, args, state, control, **kw):
+            marks.append(("step", time.perf_counter()))
+
+    return Marks()
+
+
+def child_trl_dpo(spec: dict, work: Path, steps: int, epochs: int, marks: list) -> None:
     import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from prefgym.data.prompts import format_prompt
-    from prefgym.io import write_json
-    from prefgym.models.tiny import make_tiny_checkpoint
-
-    policy = make_tiny_checkpoint(work / "policy", hidden_size=args.hidden, num_layers=args.layers)
-    torch.manual_seed(0)
-    rm = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1)
-    rm.config.pad_token_id = rm.config.pad_token_id or 0
-    rm.save_pretrained(work / "rm")
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(policy).save_pretrained(work / "rm")
-    write_json(work / "rm" / "reward_normalization.json", {"mean": 0.0, "std": 1.0, "max_length": args.max_length})
-    rng = random.Random(0)
-
-    def text(n):
-        return " ".join(rng.choice(WORDS) for _ in range(n))
-
-    pairs = [{"instruction": f"Describe {text(3)}.", "input": "", "output_1": text(rng.randint(8, 24)),
-              "output_2": text(rng.randint(8, 24)), "preference": rng.choice([1, 2])} for _ in range(args.pairs)]
-    write_json(work / "pairs.json", pairs)
-    write_json(work / "trl_pairs.json", [
-        {"prompt": format_prompt(p["instruction"]),
-         "chosen": p["output_1"] if p["preference"] == 1 else p["output_2"],
-         "rejected": p["output_2"] if p["preference"] == 1 else p["output_1"]} for p in pairs])
-    prompts = [{"instruction": f"Describe {text(3)}.", "input": ""} for _ in range(args.episodes)]
-    write_json(work / "prompts.json", prompts)
-    write_json(work / "trl_prompts.json", [format_prompt(p["instruction"]) for p in prompts])
-
-
-def ensure_trl_venv() -> Path:
-    python = TRL_VENV / "bin" / "python"
-    check = [str(python), "-c", "import trl, torch; assert trl.__version__ == '1.9.0' and torch.__version__.startswith('2.13.0')"]
-    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
-        return python
-    subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
-    # torch pinned (a CPU build, from the PyTorch CPU index); never an unpinned torch.
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0",
-                    "--index-url", "https://download.pytorch.org/whl/cpu"], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0", "trl==1.9.0"], check=True)
-    subprocess.run(check, check=True)
-    return python
-
-
-# ----------------------------------------------------------------------------------- runs (child processes)
-
-
-def run_prefgym_dpo(work: Path, args) -> dict:
-    from prefgym.io import read_records
-    from prefgym.methods import dpo
-
-    records = read_records(work / "pairs.json")
-    cfg = dpo.DPOConfig(model_name_or_path=str(work / "policy"), output_dir=str(work / "out_prefgym_dpo"),
-                        beta=0.1, lr=1e-4, epochs=1, per_device_batch_size=args.batch, max_length=args.max_length,
-                        resume=False, save_steps=10**9)
-    base = rss_mb()
-    t = time.perf_counter()
-    dpo.train(cfg, records=records)
-    return {"seconds": time.perf_counter() - t, "items": len(records) // args.batch * args.batch, "rss_base_mb": base}
-
-
-def run_trl_dpo(work: Path, args) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    rows = json.loads((work / "trl_pairs.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(work / "policy")
-    model = AutoModelForCausalLM.from_pretrained(work / "policy")
-    cfg = DPOConfig(output_dir=str(work / "out_trl_dpo"), per_device_train_batch_size=args.batch, num_train_epochs=1,
-                    learning_rate=1e-4, beta=0.1, max_length=args.max_length, report_to="none", save_strategy="no",
-                    logging_steps=10**6, use_cpu=True, dataloader_num_workers=0, lr_scheduler_type="constant")
-    trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    base = rss_mb()
-    t = time.perf_counter()
+    marks.append(("start", time.perf_counter()))
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    pairs = json.loads(Path(spec["dpo_data"]).read_text())[: steps // epochs * spec["dpo_batch_size"]]
+    dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
+                                 for p in pairs])
+    args = DPOConfig(output_dir=str(work), per_device_train_batch_size=spec["dpo_batch_size"],
+                     gradient_accumulation_steps=1, num_train_epochs=epochs, max_steps=steps,
+                     learning_rate=spec["dpo_lr"], lr_scheduler_type="constant", beta=spec["dpo_beta"],
+                     max_length=spec["dpo_max_length"], gradient_checkpointing=False, bf16=False,
+                     use_cpu=True, logging_steps=10 ** 6, save_strategy="no", report_to="none",
+                     disable_tqdm=True, dataloader_num_workers=0, seed=0)
+    # ref_model=None: TRL loads its own reference copy of the model (its default).
+    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[_trl_marks(marks)])
     trainer.train()
-    return {"seconds": time.perf_counter() - t, "items": len(rows) // args.batch * args.batch, "rss_base_mb": base}
+    trainer.save_model(str(work / "final"))
+    marks.append(("end", time.perf_counter()))
 
 
-def run_prefgym_ppo(work: Path, args) -> dict:
-    from prefgym.io import read_records
-    from prefgym.methods import ppo
-
-    prompts = read_records(work / "prompts.json")
-    cfg = ppo.PPOConfig(policy_model=str(work / "policy"), reward_model=str(work / "rm"),
-                        output_dir=str(work / "out_prefgym_ppo"), steps=args.episodes // args.batch,
-                        per_device_rollout_batch_size=args.batch, num_mini_batches=1, ppo_epochs=args.ppo_epochs,
-                        lr=1e-5, max_new_tokens=args.response_length, max_prompt_length=args.max_length,
-                        kl_coef=0.05, temperature=1.0, resume=False, save_steps=10**9, sample_log_steps=0)
-    base = rss_mb()
-    t = time.perf_counter()
-    ppo.train(cfg, prompts=prompts)
-    return {"seconds": time.perf_counter() - t, "items": cfg.steps * args.batch, "rss_base_mb": base}
-
-
-def run_trl_ppo(work: Path, args) -> dict:
+def child_trl_ppo(spec: dict, work: Path, steps: int, epochs: int, marks: list) -> None:
+    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    prompts = json.loads((work / "trl_prompts.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(work / "policy", padding_side="left")
-    ds = Dataset.from_list([{"input_ids": tokenizer(p)["input_ids"]} for p in prompts])
-    policy = AutoModelForCausalLM.from_pretrained(work / "policy")
-    ref = AutoModelForCausalLM.from_pretrained(work / "policy")
-    rm = AutoModelForSequenceClassification.from_pretrained(work / "rm", num_labels=1)
-    value = AutoModelForSequenceClassification.from_pretrained(work / "rm", num_labels=1)
-    episodes = args.episodes // args.batch * args.batch
-    cfg = PPOConfig(output_dir=str(work / "out_trl_ppo"), per_device_train_batch_size=args.batch,
-                    gradient_accumulation_steps=1, num_mini_batches=1, num_ppo_epochs=args.ppo_epochs,
-                    total_episodes=episodes, response_length=args.response_length, stop_token="eos",
-                    temperature=1.0, kl_coef=0.05, learning_rate=1e-5, local_rollout_forward_batch_size=args.batch,
-                    num_sample_generations=0, report_to="none", save_strategy="no", use_cpu=True,
-                    missing_eos_penalty=-1.0, logging_steps=10**6)
-    trainer = PPOTrainer(args=cfg, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=rm,
-                         train_dataset=ds, value_model=value)
-    base = rss_mb()
-    t = time.perf_counter()
+    marks.append(("start", time.perf_counter()))
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"], padding_side="left")
+    policy = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(spec["reward_model"], dtype=torch.float32)
+    value_model = AutoModelForSequenceClassification.from_pretrained(spec["reward_model"], dtype=torch.float32)
+    B = spec["ppo_rollout_batch_size"]
+    prompts = json.loads(Path(spec["ppo_prompts"]).read_text())[: steps * B]
+    dataset = Dataset.from_list([{"input_ids": tokenizer(p, padding=False)["input_ids"]} for p in prompts])
+    # per_device_train_batch_size = the rollout batch, split into num_mini_batches minibatches,
+    # one optimizer step per minibatch (gradient_accumulation_steps=1): prefgym's layout.
+    args = PPOConfig(output_dir=str(work), per_device_train_batch_size=B, gradient_accumulation_steps=1,
+                     num_mini_batches=spec["ppo_mini_batches"], num_ppo_epochs=spec["ppo_epochs"],
+                     total_episodes=steps * B, local_rollout_forward_batch_size=B,
+                     response_length=spec["ppo_response_length"], temperature=spec["ppo_temperature"],
+                     kl_coef=spec["ppo_kl_coef"], whiten_rewards=True, stop_token="eos",
+                     missing_eos_penalty=1.0, num_sample_generations=0, learning_rate=spec["ppo_lr"],
+                     lr_scheduler_type="constant", gradient_checkpointing=False, bf16=False, use_cpu=True,
+                     logging_steps=10 ** 6, save_strategy="no", report_to="none", disable_tqdm=True, seed=0)
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
+                         reward_model=reward_model, value_model=value_model, train_dataset=dataset,
+                         eval_dataset=dataset.select(range(B)), callbacks=[_trl_marks(marks)])
     trainer.train()
-    return {"seconds": time.perf_counter() - t, "items": episodes, "rss_base_mb": base}
+    trainer.save_model(str(work / "final"))
+    marks.append(("end", time.perf_counter()))
 
 
-RUNS = {"prefgym-dpo": run_prefgym_dpo, "trl-dpo": run_trl_dpo, "prefgym-ppo": run_prefgym_ppo, "trl-ppo": run_trl_ppo}
+def _mark_metrics_rows(module, marks: list) -> None:
+    """Time-stamp each metrics row a prefgym method appends (one per optimizer step / PPO step)."""
+    append = module.append_jsonl
+
+    def timed_append(path, row):
+        if Path(path).name == "metrics.jsonl":
+            marks.append(("step", time.perf_counter()))
+        return append(path, row)
+
+    module.append_jsonl = timed_append
 
 
-def child(name: str, work: Path, args) -> None:
+def child_prefgym_dpo(spec: dict, work: Path, steps: int, epochs: int, marks: list) -> None:
+    from prefgym.methods import dpo
+
+    _mark_metrics_rows(dpo, marks)
+    reference_logps = dpo._reference_logps
+
+    def timed_reference_logps(*a, **kw):  # the first thing after model loading
+        marks.append(("loop_start", time.perf_counter()))
+        return reference_logps(*a, **kw)
+
+    dpo._reference_logps = timed_reference_logps
+    pairs = json.loads(Path(spec["dpo_data"]).read_text())[: steps // epochs * spec["dpo_batch_size"]]
+    records = [{"instruction": p["instruction"], "input": "", "output_1": p["chosen"], "output_2": p["rejected"],
+                "preference": 1} for p in pairs]
+    cfg = dpo.DPOConfig(model_name_or_path=spec["model"], output_dir=str(work / "final"), epochs=epochs,
+                        lr=spec["dpo_lr"], beta=spec["dpo_beta"], per_device_batch_size=spec["dpo_batch_size"],
+                        max_length=spec["dpo_max_length"], save_steps=10 ** 9, resume=False)
+    marks.append(("start", time.perf_counter()))
+    dpo.train(cfg, records)
+    marks.append(("end", time.perf_counter()))
+
+
+def child_prefgym_ppo(spec: dict, work: Path, steps: int, epochs: int, marks: list) -> None:
+    from prefgym.methods import ppo
+
+    _mark_metrics_rows(ppo, marks)
+    load_models = ppo._load_models
+
+    def timed_load_models(*a, **kw):
+        out = load_models(*a, **kw)
+        marks.append(("loop_start", time.perf_counter()))
+        return out
+
+    ppo._load_models = timed_load_models
+    B = spec["ppo_rollout_batch_size"]
+    prompts = [{"instruction": i, "input": ""} for i in json.loads(Path(spec["ppo_instructions"]).read_text())]
+    cfg = ppo.PPOConfig(policy_model=spec["model"], reward_model=spec["reward_model"], output_dir=str(work / "final"),
+                        steps=steps, per_device_rollout_batch_size=B, num_mini_batches=spec["ppo_mini_batches"],
+                        ppo_epochs=spec["ppo_epochs"], lr=spec["ppo_lr"], max_grad_norm=0.0,  # TRL does not clip
+                        temperature=spec["ppo_temperature"], max_new_tokens=spec["ppo_response_length"],
+                        kl_coef=spec["ppo_kl_coef"], whiten_rewards=True, missing_eos_penalty=-1.0,
+                        save_steps=10 ** 9, sample_log_steps=0, resume=False)
+    marks.append(("start", time.perf_counter()))
+    ppo.train(cfg, prompts[: steps * B])
+    marks.append(("end", time.perf_counter()))
+
+
+CHILDREN = {"trl-dpo": child_trl_dpo, "trl-ppo": child_trl_ppo,
+            "prefgym-dpo": child_prefgym_dpo, "prefgym-ppo": child_prefgym_ppo}
+
+
+def run_child(name: str, spec_file: Path, out_file: Path) -> None:
+    """Warm-up run (untimed), then the timed run; writes times and memory to out_file."""
     import torch
 
-    torch.set_num_threads(args.threads)
+    spec = json.loads(spec_file.read_text())
+    torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    result = RUNS[name](work, args)
-    result.update(peak_rss_mb=rss_mb(), per_s=result["items"] / result["seconds"])
-    print("RESULT " + json.dumps(result), flush=True)
+    side, method = name.split("-")
+    # Import everything the run uses before taking the baseline RSS.
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: F401
+
+    if side == "trl":
+        import datasets  # noqa: F401
+        from trl import DPOTrainer  # noqa: F401
+        from trl.experimental.ppo import PPOTrainer  # noqa: F401
+    else:
+        import accelerate  # noqa: F401
+
+        from prefgym.methods import dpo, ppo, reward_model  # noqa: F401
+    import_rss = rss_mb()
+    steps = spec[f"{method}_steps"]
+    with tempfile.TemporaryDirectory() as tmp:
+        CHILDREN[name](spec, Path(tmp) / "warmup", spec["warmup_steps"], 1, [])
+        marks: list = []
+        CHILDREN[name](spec, Path(tmp) / "timed", steps, spec["dpo_epochs"] if method == "dpo" else 1, marks)
+    t = {k: v for k, v in marks if k != "step"}
+    step_ends = [v for k, v in marks if k == "step"]
+    if len(step_ends) != steps:
+        raise RuntimeError(f"{name}: expected {steps} step marks, got {len(step_ends)}")
+    per_step = spec["dpo_batch_size"] if method == "dpo" else spec["ppo_rollout_batch_size"]
+    loop_s = step_ends[-1] - t["loop_start"]  # to the end of the last optimizer step
+    result = {"name": name, "steps": steps, "samples": steps * per_step,
+              "loop_s": loop_s, "end_to_end_s": t["end"] - t["start"],
+              "samples_per_s": steps * per_step / loop_s,
+              "samples_per_s_end_to_end": steps * per_step / (t["end"] - t["start"]),
+              "step_s": [b - a for a, b in zip([t["loop_start"]] + step_ends[:-1], step_ends)],
+              "rss_after_imports_mb": import_rss, "peak_rss_mb": peak_rss_mb(), "python": sys.executable}
+    result["peak_rss_above_imports_mb"] = result["peak_rss_mb"] - import_rss
+    out_file.write_text(json.dumps(result))
 
 
-# ----------------------------------------------------------------------------------- driver
+# ---------------------------------------------------------------------------------------------
+# Parent: the TRL environment, the shared model / data, the runs and the table.
 
 
-def launch(name: str, python: str, work: Path, argv: list[str], args) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_DISABLED": "true"}
-    proc = subprocess.run([python, __file__, "--child", name, "--work", str(work), *argv], env=env,
-                          capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+def trl_python(venv: Path) -> Path:
+    """The python of a virtual environment with TRL 1.9.0, created (pinned) if missing."""
+    python = venv / "bin" / "python"
+    # TRL 1.9.0 importable, and nothing of prefgym's environment visible from it.
+    check = [str(python), "-c", "import importlib.util, trl; assert trl.__version__ == '1.9.0', trl.__version__; "
+             "assert importlib.util.find_spec('prefgym') is None, 'prefgym is importable'"]
+    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+        return python
+    print(f"creating the TRL environment in {venv} ({' '.join(TRL_REQUIREMENTS)}) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *TRL_REQUIREMENTS], check=True)
+    subprocess.run(check, check=True)
+    return python
+
+
+def make_data(n_pairs: int, n_prompts: int) -> tuple[list[dict], list[str]]:
+    """Synthetic preference pairs (instruction, prompt, chosen, rejected) and PPO instructions."""
+    from prefgym.data.prompts import format_prompt
+
+    pairs = []
+    for i in range(n_pairs):
+        a, b = i % 97, (7 * i) % 89
+        instruction = f"Add {a} and {b}, then explain the sum in one sentence."
+        chosen = f"The sum of {a} and {b} is {a + b}; adding them gives {a + b}."
+        rejected = f"{a} plus {b} is {a + b + 1 + i % 5}." + (" I think so." if i % 2 else "")
+        pairs.append({"instruction": instruction, "prompt": format_prompt(instruction), "chosen": chosen,
+                      "rejected": rejected})
+    instructions = [f"List {2 + i % 4} colors and say which one you like best, for person {i}."
+                    for i in range(n_prompts)]
+    return pairs, instructions
+
+
+def make_models(work: Path, hidden: int, layers: int) -> tuple[Path, Path]:
+    """The tiny policy (random Llama) and a reward model of the same shape (score head, 1 label)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from prefgym.models.tiny import make_tiny_checkpoint
+
+    policy = make_tiny_checkpoint(work / "policy", "llama", hidden_size=hidden, num_layers=layers)
+    config = AutoConfig.from_pretrained(policy, num_labels=1)
+    torch.manual_seed(1)
+    rm = AutoModelForSequenceClassification.from_config(config)
+    rm.save_pretrained(work / "reward_model")
+    AutoTokenizer.from_pretrained(policy).save_pretrained(work / "reward_model")
+    return policy, work / "reward_model"
+
+
+def run_side(python: Path, name: str, spec_file: Path, work: Path) -> dict:
+    out = work / f"{name}.json"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([str(python), str(Path(__file__).resolve()), "--child", name, "--spec", str(spec_file),
+                           "--child-out", str(out)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+        raise SystemExit(f"{name} failed (exit {proc.returncode})")
+    result = json.loads(out.read_text())
+    print(f"  {name:<12} loop {result['loop_s']:6.2f} s  {result['samples_per_s']:7.1f}/s  "
+          f"peak RSS {result['peak_rss_mb']:5.0f} MiB ({result['peak_rss_above_imports_mb']:.0f} above imports)",
+          flush=True)
+    return result
+
+
+def best(runs: list[dict]) -> dict:
+    """The fastest repeat, with the lowest memory seen over the repeats."""
+    out = dict(min(runs, key=lambda r: r["loop_s"]))
+    for k in ("peak_rss_mb", "peak_rss_above_imports_mb"):
+        out[k] = min(r[k] for r in runs)
+    out["loop_s_all"] = [r["loop_s"] for r in runs]
+    return out
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["dpo", "ppo"], help="Benchmark one method only.")
-    p.add_argument("--work", type=Path, default=Path("/tmp/prefgym-bench-trl"), help="Scratch folder.")
-    p.add_argument("--hidden", type=int, default=128, help="Hidden size of the tiny Llama.")
-    p.add_argument("--layers", type=int, default=2, help="Layers of the tiny Llama.")
-    p.add_argument("--pairs", type=int, default=256, help="DPO pairs (one epoch).")
-    p.add_argument("--episodes", type=int, default=64, help="PPO episodes.")
-    p.add_argument("--batch", type=int, default=8, help="DPO pairs / PPO rollouts per step.")
-    p.add_argument("--max-length", type=int, default=128, help="Max prompt+response tokens (DPO), prompt tokens (PPO).")
-    p.add_argument("--response-length", type=int, default=24, help="PPO tokens sampled per response.")
-    p.add_argument("--ppo-epochs", type=int, default=2, help="PPO epochs per rollout batch.")
-    p.add_argument("--threads", type=int, default=1, help="Torch threads per run.")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    args, _ = p.parse_known_args()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--methods", default="dpo,ppo", help="comma-separated: dpo, ppo")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per side (best kept)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in each process")
+    parser.add_argument("--trl-venv", type=Path, default=DEFAULT_TRL_VENV, help="TRL's virtual environment")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size of the tiny Llama")
+    parser.add_argument("--layers", type=int, default=2, help="layers of the tiny Llama")
+    parser.add_argument("--dpo-steps", type=int, default=30, help="DPO optimizer steps")
+    parser.add_argument("--dpo-epochs", type=int, default=2,
+                        help="passes over the pairs (dpo-steps / dpo-epochs batches of pairs); 2 is prefgym's default")
+    parser.add_argument("--dpo-batch-size", type=int, default=8, help="DPO pairs per step")
+    parser.add_argument("--dpo-max-length", type=int, default=128, help="DPO prompt + response tokens kept")
+    parser.add_argument("--ppo-steps", type=int, default=8, help="PPO steps (rollout batches)")
+    parser.add_argument("--ppo-rollout-batch-size", type=int, default=16, help="PPO episodes per step")
+    parser.add_argument("--ppo-mini-batches", type=int, default=2, help="PPO minibatches per rollout batch")
+    parser.add_argument("--ppo-epochs", type=int, default=2, help="PPO epochs per rollout batch")
+    parser.add_argument("--ppo-response-length", type=int, default=32, help="PPO tokens sampled per response")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="steps of the untimed warm-up run")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
+    args = parser.parse_args()
     if args.child:
-        return child(args.child, args.work, args)
+        run_child(args.child, args.spec, args.child_out)
+        return
 
-    argv = [a for a in sys.argv[1:]]
-    args.work.mkdir(parents=True, exist_ok=True)
-    setup(args.work, args)
-    trl_python = str(ensure_trl_venv())
-    import trl  # noqa: F401  (only for the version line below when installed here too)
+    from prefgym.data.prompts import format_prompt
 
-    methods = [args.only] if args.only else ["dpo", "ppo"]
-    unit = {"dpo": "pairs/s", "ppo": "episodes/s"}
-    print(f"tiny llama hidden={args.hidden} layers={args.layers} batch={args.batch} threads={args.threads}")
-    print(f"{'method':6} {'library':8} {'throughput':>16} {'peak RSS MB':>12} {'RSS growth MB':>14}")
-    for m in methods:
-        ours = launch(f"prefgym-{m}", sys.executable, args.work, argv, args)
-        theirs = launch(f"trl-{m}", trl_python, args.work, argv, args)
-        for lib, r in (("prefgym", ours), ("trl", theirs)):
-            print(f"{m:6} {lib:8} {r['per_s']:>10.2f} {unit[m]:>5} {r['peak_rss_mb']:>12.0f} "
-                  f"{r['peak_rss_mb'] - r['rss_base_mb']:>14.0f}")
-        growth = (ours["peak_rss_mb"] - ours["rss_base_mb"]) / max(1e-9, theirs["peak_rss_mb"] - theirs["rss_base_mb"])
-        print(f"{m:6} ratio    throughput x{ours['per_s'] / theirs['per_s']:.2f}   peak RSS x{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}"
-              f"   RSS growth x{growth:.2f}   (prefgym / TRL)")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    trl = trl_python(args.trl_venv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        policy, reward_model = make_models(work, args.hidden, args.layers)
+        if args.dpo_steps % args.dpo_epochs:
+            parser.error("--dpo-steps must be a multiple of --dpo-epochs")
+        pairs, instructions = make_data(max(args.dpo_steps // args.dpo_epochs, args.warmup_steps) * args.dpo_batch_size,
+                                        max(args.ppo_steps, args.warmup_steps) * args.ppo_rollout_batch_size)
+        (work / "dpo.json").write_text(json.dumps(pairs))
+        (work / "ppo_instructions.json").write_text(json.dumps(instructions))
+        (work / "ppo_prompts.json").write_text(json.dumps([format_prompt(i) for i in instructions]))
+        spec = {"model": str(policy), "reward_model": str(reward_model), "threads": args.threads,
+                "warmup_steps": args.warmup_steps, "dpo_data": str(work / "dpo.json"),
+                "dpo_steps": args.dpo_steps, "dpo_epochs": args.dpo_epochs, "dpo_batch_size": args.dpo_batch_size,
+                "dpo_max_length": args.dpo_max_length, "dpo_lr": 1e-6, "dpo_beta": 0.1,
+                "ppo_prompts": str(work / "ppo_prompts.json"),
+                "ppo_instructions": str(work / "ppo_instructions.json"), "ppo_steps": args.ppo_steps,
+                "ppo_rollout_batch_size": args.ppo_rollout_batch_size, "ppo_mini_batches": args.ppo_mini_batches,
+                "ppo_epochs": args.ppo_epochs, "ppo_response_length": args.ppo_response_length,
+                "ppo_temperature": 1.0, "ppo_kl_coef": 0.05, "ppo_lr": 1e-5}
+        spec_file = work / "spec.json"
+        spec_file.write_text(json.dumps(spec))
+        results = {}
+        for method in methods:
+            runs = {"prefgym": [], "trl": []}
+            for r in range(args.repeats):
+                print(f"{method} repeat {r + 1}/{args.repeats}", flush=True)
+                for side, python in (("prefgym", Path(sys.executable)), ("trl", trl)):
+                    runs[side].append(run_side(python, f"{side}-{method}", spec_file, work))
+            results[method] = {side: best(rs) for side, rs in runs.items()}
+
+    import torch
+    import transformers
+
+    settings = {k: v for k, v in vars(args).items() if k not in ("child", "spec", "child_out", "out", "trl_venv")}
+    report = {"command": "python bench/bench_trl.py " + " ".join(sys.argv[1:]), "settings": settings,
+              "model": f"random Llama, hidden {args.hidden}, {args.layers} layers, 512-token BPE tokenizer",
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": "1.9.0"},
+              "results": results, "ratios": {}}
+    print(f"\n{'prefgym / TRL 1.9.0':<36}{'prefgym':>10}{'TRL':>10}{'ratio':>8}   aim")
+    for method, r in results.items():
+        p, t = r["prefgym"], r["trl"]
+        unit = "pairs/s" if method == "dpo" else "episodes/s"
+        ratios = {"throughput": p["samples_per_s"] / t["samples_per_s"],
+                  "throughput_end_to_end": p["samples_per_s_end_to_end"] / t["samples_per_s_end_to_end"],
+                  "peak_rss": p["peak_rss_mb"] / t["peak_rss_mb"],
+                  "peak_rss_above_imports": p["peak_rss_above_imports_mb"] / t["peak_rss_above_imports_mb"]}
+        report["ratios"][method] = ratios
+        rows = [(f"{unit} (training loop)", "samples_per_s", "throughput", "≥ 1.5" if method == "dpo" else "≥ 2"),
+                (f"{unit} (end to end)", "samples_per_s_end_to_end", "throughput_end_to_end", ""),
+                ("peak RSS MiB", "peak_rss_mb", "peak_rss", "≤ 0.8" if method == "dpo" else ""),
+                ("peak RSS above imports MiB", "peak_rss_above_imports_mb", "peak_rss_above_imports", "")]
+        for label, key, ratio, aim in rows:
+            print(f"{method.upper() + ' ' + label:<36}{p[key]:>10.1f}{t[key]:>10.1f}{ratios[ratio]:>8.2f}   {aim}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(report, indent=2))
+    tmp_out.replace(args.out)
+    print(f"\nwritten: {args.out}")
 
 
 if __name__ == "__main__":

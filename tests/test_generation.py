@@ -181,3 +181,14 @@ def test_generate_outputs_resumes_from_the_partial_file(tiny, tmp_path):
     # Other settings do not reuse those rows.
     other = generate_outputs(path, records, SamplingConfig(**{**cfg.__dict__, "seed": 4}), partial_file=partial)
     assert "CACHED" not in [r["output"] for r in other]
+
+
+def test_missing_model_folder_is_a_config_error(tmp_path, capsys):
+    from prefgym.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model folder not found"):
+        load_model_and_tokenizer(tmp_path / "nope")
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps([{"instruction": "Hi."}]), encoding="utf-8")
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "o.json")]) == 2
+    assert "model folder not found" in capsys.readouterr().err

@@ -7,7 +7,6 @@ Other test files import `make_toy_model`, `toy_pairs`, `toy_prompts` from here.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 

@@ -119,6 +119,17 @@ def test_gradient_accumulation_gives_the_same_steps(llama, tmp_path):
         assert all(torch.allclose(ref[k], v, atol=1e-5) for k, v in _weights(out).items())
 
 
+def test_bf16_mixed_precision_trains_and_leaves_no_setting_behind(llama, tmp_path):
+    from accelerate import Accelerator
+
+    fp32 = train_sft(_cfg(llama, tmp_path / "fp32"), RECORDS)
+    bf16 = train_sft(_cfg(llama, tmp_path / "bf16", mixed_precision="bf16"), RECORDS)
+    fp32_losses, bf16_losses = [r["loss"] for r in _metrics(fp32)], [r["loss"] for r in _metrics(bf16)]
+    assert bf16_losses == pytest.approx(fp32_losses, rel=2e-2)  # bf16 rounding, same steps
+    assert bf16_losses != fp32_losses
+    assert Accelerator().mixed_precision == "no"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -136,6 +147,8 @@ def test_two_processes_follow_the_one_process_loss_curve(llama, tmp_path):
     config = tmp_path / "two.yaml"
     config.write_text(f"model_name_or_path: {llama}\ntrain_file: {data}\noutput_dir: {tmp_path / 'two'}\n"
                       "epochs: 2\nlr: 0.01\nwarmup_ratio: 0.0\nper_device_batch_size: 2\nprogress: false\n")
+    # `--multi_gpu` starts the processes with torchrun; without a GPU they train on CPU (gloo).
+    # (`--cpu --num_processes 2` starts a single process unless MPI is set up.)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", "prefgym.cli", "sft", "--config", str(config)]

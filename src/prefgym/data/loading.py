@@ -18,8 +18,6 @@ STRING_FIELDS = ("instruction", "input", "output", "output_1", "output_2", "gene
 NUMBER_FIELDS = ("preference",)
 LIST_OF_STRING_FIELDS = ("outputs",)
 
-ALPACA_FARM_HUB = "tatsu-lab/alpaca_farm"
-
 
 def load_records(source: str | os.PathLike, split: str | None = None,
                  required: tuple[str, ...] = ("instruction", "output"),

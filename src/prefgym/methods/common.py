@@ -105,18 +105,9 @@ def save_config(cfg, path: str | Path) -> None:
 
 
 def load_split(source: str | Path, required: Sequence[str]) -> list[dict]:
-    """Records from a local file / folder / hub dataset through `prefgym.data.load_records`."""
-    try:
-        from prefgym.data import load_records
-    except ImportError:  # data layer not installed: plain JSON / JSONL files
-        from prefgym.io import read_records
+    """Validated records from a local file / folder / hub dataset (`prefgym.data.load_records`)."""
+    from prefgym.data import load_records
 
-        rows = read_records(source)
-        for i, r in enumerate(rows):
-            for f in required:
-                if f not in r:
-                    raise DataError("missing field", path=source, row=i, field=f)
-        return rows
     return load_records(source, required=tuple(required))
 
 
@@ -329,11 +320,11 @@ def sample_responses(model, tokenizer, prompts: Sequence[str], *, seeds: Sequenc
     """
     from transformers import GenerationConfig
 
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    sides = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = "left"  # long prompts keep their end
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, truncation=True,
                     max_length=max_prompt_length)
-    tokenizer.padding_side = side
+    tokenizer.padding_side, tokenizer.truncation_side = sides
     device = next(model.parameters()).device
     query_ids, query_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=1,

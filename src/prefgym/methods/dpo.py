@@ -11,7 +11,6 @@ no reference model is held in memory while training. Ties carry no preference an
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass

@@ -11,7 +11,6 @@ model and `score` / `RewardScorer` apply it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass

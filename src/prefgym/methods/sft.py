@@ -84,7 +84,6 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
     `checkpoints/`. A finished run is not redone when called again with resume=True.
     """
     import torch
-    from accelerate import Accelerator
     from transformers import get_scheduler
 
     from prefgym.data import format_record, load_records, validate_records
@@ -107,9 +106,7 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
     if not records:
         raise DataError("no demonstrations to train on", path=cfg.train_file or "records")
 
-    # Several processes without a GPU (torchrun, `accelerate launch --multi_gpu`): data-parallel on CPU (gloo).
-    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
+    accelerator = _accelerator(cfg.mixed_precision)
     seed_everything(cfg.seed)
     model, tokenizer = load_model_and_tokenizer(model_path, dtype=cfg.dtype)
     examples = [tokenize_example(tokenizer, format_record(r), r["output"], cfg.max_length) for r in records]
@@ -205,7 +202,31 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.num_processes == 1 and cfg.mixed_precision != "no":
+        _reset_accelerate()  # do not leave mixed precision on for whatever runs next in this process
     return out
+
+
+def _accelerator(mixed_precision: str):
+    """An Accelerator with these settings, also when one with others was made earlier in this process."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    n_proc = int(os.environ.get("WORLD_SIZE", "1"))
+    # Accelerate keeps its settings process-wide; one Python session (a pipeline, the tests) may
+    # train several times with different mixed precision.
+    if n_proc == 1 and AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        _reset_accelerate()
+    # Several processes without a GPU (torchrun, `accelerate launch --multi_gpu`): data-parallel on CPU (gloo).
+    return Accelerator(mixed_precision=mixed_precision, cpu=n_proc > 1 and not torch.cuda.is_available())
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def _response_loss_sum(model, batch) -> "torch.Tensor":

@@ -66,7 +66,7 @@ def knowledge_document(rng: np.random.Generator) -> str:
         adj = [TOPICS[topic][i] for i in rng.permutation(8)[:2]]
         return f"The {topic} is {adj[0]} and {adj[1]}."
     if kind == 2:
-        a, b = (int(x) for x in rng.integers(1, 50, size=2))
+        a, b = (int(x) for x in rng.integers(1, 21, size=2))
         return f"{a} + {b} = {a + b}. {max(a, b)} is larger than {min(a, b)}."
     w = WORDS[int(rng.integers(len(WORDS)))]
     return f"The word {w} has {len(w)} letters. In uppercase it is {w.upper()}, backwards it is {w[::-1]}."

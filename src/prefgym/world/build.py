@@ -54,13 +54,13 @@ class WorldScale:
 SCALES: dict[str, WorldScale] = {
     "tiny": WorldScale(sft=200, preference=200, unlabeled=100, val=40, eval=40,
                        model=BaseModelConfig(vocab_size=1024, hidden_size=64, num_layers=2, pretrain_docs=2000,
-                                             pretrain_steps=100)),
+                                             pretrain_steps=120)),
     "quick": WorldScale(sft=800, preference=800, unlabeled=400, val=100, eval=100,
-                        model=BaseModelConfig(vocab_size=1024, hidden_size=64, num_layers=2, pretrain_docs=4000,
-                                              pretrain_steps=200)),
+                        model=BaseModelConfig(vocab_size=1024, hidden_size=64, num_layers=2, pretrain_docs=6000,
+                                              pretrain_steps=400)),
     "default": WorldScale(sft=2000, preference=2000, unlabeled=1000, val=200, eval=200,
-                          model=BaseModelConfig(vocab_size=1024, hidden_size=96, num_layers=3, pretrain_docs=6000,
-                                                pretrain_steps=300)),
+                          model=BaseModelConfig(vocab_size=1024, hidden_size=96, num_layers=3, pretrain_docs=8000,
+                                                pretrain_steps=400)),
 }
 
 
