@@ -13,7 +13,8 @@ time runs from the end of model loading / data preparation to the end of the las
 step: for prefgym's DPO it includes the pass that computes the reference log-probs, for TRL's
 DPO the reference forward passes inside every step. "End to end" adds model loading, data
 preparation and saving. Memory is the peak resident set size of the process (ru_maxrss), and
-the same minus the RSS once every library the run uses is imported. With --repeats > 1 the
+that peak minus the RSS once every library the run uses is imported (and has lazily loaded
+what a first tokenizer / model load pulls in): the training's own memory. With --repeats > 1 the
 sides alternate and the best time / lowest memory of each side is kept.
 
 Prints both sides and the ratios (prefgym / TRL) and writes bench/results/trl.json.
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,15 +59,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def now() -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): CPU time is what a busy shared machine blurs least."""
+    return time.perf_counter(), time.process_time()
+
+
 def _trl_marks(marks: list):
     from transformers import TrainerCallback
 
     class Marks(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            marks.append(("loop_start", time.perf_counter()))
+            marks.append(("loop_start", now()))
 
         def on_step_end(self, args, state, control, **kw):
-            marks.append(("step", time.perf_counter()))
+            marks.append(("step", now()))
 
     return Marks()
 
@@ -76,7 +83,7 @@ def child_trl_dpo(spec: dict, work: Path, steps: int, epochs: int, marks: list) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    marks.append(("start", time.perf_counter()))
+    marks.append(("start", now()))
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     pairs = json.loads(Path(spec["dpo_data"]).read_text())[: steps // epochs * spec["dpo_batch_size"]]
@@ -87,13 +94,23 @@ def child_trl_dpo(spec: dict, work: Path, steps: int, epochs: int, marks: list) 
                      learning_rate=spec["dpo_lr"], lr_scheduler_type="constant", beta=spec["dpo_beta"],
                      max_length=spec["dpo_max_length"], gradient_checkpointing=False, bf16=False,
                      use_cpu=True, logging_steps=10 ** 6, save_strategy="no", report_to="none",
-                     disable_tqdm=True, dataloader_num_workers=0, seed=0)
-    # ref_model=None: TRL loads its own reference copy of the model (its default).
+                     disable_tqdm=True, dataloader_num_workers=0, seed=0,
+                     precompute_ref_log_probs=spec["trl_precompute_ref"])
+    # ref_model=None: TRL loads its own reference copy of the model (its default); with
+    # precompute_ref_log_probs it computes the reference log-probs in one pass (timed as part of
+    # the training loop, as prefgym's) when the trainer is made.
+    precompute = DPOTrainer._precompute_ref_logps
+
+    def timed_precompute(self, *a, **kw):
+        marks.append(("loop_start", now()))
+        return precompute(self, *a, **kw)
+
+    DPOTrainer._precompute_ref_logps = timed_precompute
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[_trl_marks(marks)])
     trainer.train()
     trainer.save_model(str(work / "final"))
-    marks.append(("end", time.perf_counter()))
+    marks.append(("end", now()))
 
 
 def child_trl_ppo(spec: dict, work: Path, steps: int, epochs: int, marks: list) -> None:
@@ -102,7 +119,7 @@ def child_trl_ppo(spec: dict, work: Path, steps: int, epochs: int, marks: list) 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    marks.append(("start", time.perf_counter()))
+    marks.append(("start", now()))
     tokenizer = AutoTokenizer.from_pretrained(spec["model"], padding_side="left")
     policy = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     reference = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
@@ -126,7 +143,7 @@ def child_trl_ppo(spec: dict, work: Path, steps: int, epochs: int, marks: list) 
                          eval_dataset=dataset.select(range(B)), callbacks=[_trl_marks(marks)])
     trainer.train()
     trainer.save_model(str(work / "final"))
-    marks.append(("end", time.perf_counter()))
+    marks.append(("end", now()))
 
 
 def _mark_metrics_rows(module, marks: list) -> None:
@@ -135,7 +152,7 @@ def _mark_metrics_rows(module, marks: list) -> None:
 
     def timed_append(path, row):
         if Path(path).name == "metrics.jsonl":
-            marks.append(("step", time.perf_counter()))
+            marks.append(("step", now()))
         return append(path, row)
 
     module.append_jsonl = timed_append
@@ -148,7 +165,7 @@ def child_prefgym_dpo(spec: dict, work: Path, steps: int, epochs: int, marks: li
     reference_logps = dpo._reference_logps
 
     def timed_reference_logps(*a, **kw):  # the first thing after model loading
-        marks.append(("loop_start", time.perf_counter()))
+        marks.append(("loop_start", now()))
         return reference_logps(*a, **kw)
 
     dpo._reference_logps = timed_reference_logps
@@ -158,9 +175,9 @@ def child_prefgym_dpo(spec: dict, work: Path, steps: int, epochs: int, marks: li
     cfg = dpo.DPOConfig(model_name_or_path=spec["model"], output_dir=str(work / "final"), epochs=epochs,
                         lr=spec["dpo_lr"], beta=spec["dpo_beta"], per_device_batch_size=spec["dpo_batch_size"],
                         max_length=spec["dpo_max_length"], save_steps=10 ** 9, resume=False)
-    marks.append(("start", time.perf_counter()))
+    marks.append(("start", now()))
     dpo.train(cfg, records)
-    marks.append(("end", time.perf_counter()))
+    marks.append(("end", now()))
 
 
 def child_prefgym_ppo(spec: dict, work: Path, steps: int, epochs: int, marks: list) -> None:
@@ -171,7 +188,7 @@ def child_prefgym_ppo(spec: dict, work: Path, steps: int, epochs: int, marks: li
 
     def timed_load_models(*a, **kw):
         out = load_models(*a, **kw)
-        marks.append(("loop_start", time.perf_counter()))
+        marks.append(("loop_start", now()))
         return out
 
     ppo._load_models = timed_load_models
@@ -183,9 +200,9 @@ def child_prefgym_ppo(spec: dict, work: Path, steps: int, epochs: int, marks: li
                         temperature=spec["ppo_temperature"], max_new_tokens=spec["ppo_response_length"],
                         kl_coef=spec["ppo_kl_coef"], whiten_rewards=True, missing_eos_penalty=-1.0,
                         save_steps=10 ** 9, sample_log_steps=0, resume=False)
-    marks.append(("start", time.perf_counter()))
+    marks.append(("start", now()))
     ppo.train(cfg, prompts[: steps * B])
-    marks.append(("end", time.perf_counter()))
+    marks.append(("end", now()))
 
 
 CHILDREN = {"trl-dpo": child_trl_dpo, "trl-ppo": child_trl_ppo,
@@ -200,9 +217,13 @@ def run_child(name: str, spec_file: Path, out_file: Path) -> None:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     side, method = name.split("-")
-    # Import everything the run uses before taking the baseline RSS.
-    import transformers  # noqa: F401
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: F401
+    if side == "trl" and spec["trl_no_gc"]:
+        import gc
+
+        gc.collect = lambda *a, **kw: 0
+    # Baseline RSS: every library the run imports, including what transformers imports lazily
+    # on the first tokenizer / model load (one throwaway load of each).
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if side == "trl":
         import datasets  # noqa: F401
@@ -210,27 +231,34 @@ def run_child(name: str, spec_file: Path, out_file: Path) -> None:
         from trl.experimental.ppo import PPOTrainer  # noqa: F401
     else:
         import accelerate  # noqa: F401
+        import peft  # noqa: F401  (prefgym's save_model imports it)
+        import rich.progress  # noqa: F401
 
         from prefgym.methods import dpo, ppo, reward_model  # noqa: F401
+    AutoTokenizer.from_pretrained(spec["model"])
+    AutoModelForCausalLM.from_pretrained(spec["model"])
     import_rss = rss_mb()
     steps = spec[f"{method}_steps"]
     with tempfile.TemporaryDirectory() as tmp:
         CHILDREN[name](spec, Path(tmp) / "warmup", spec["warmup_steps"], 1, [])
         marks: list = []
         CHILDREN[name](spec, Path(tmp) / "timed", steps, spec["dpo_epochs"] if method == "dpo" else 1, marks)
-    t = {k: v for k, v in marks if k != "step"}
+    t = {}
+    for k, v in marks:
+        t.setdefault(k, v)  # the first loop_start: a reference pass comes before the trainer's own
     step_ends = [v for k, v in marks if k == "step"]
     if len(step_ends) != steps:
         raise RuntimeError(f"{name}: expected {steps} step marks, got {len(step_ends)}")
-    per_step = spec["dpo_batch_size"] if method == "dpo" else spec["ppo_rollout_batch_size"]
-    loop_s = step_ends[-1] - t["loop_start"]  # to the end of the last optimizer step
-    result = {"name": name, "steps": steps, "samples": steps * per_step,
-              "loop_s": loop_s, "end_to_end_s": t["end"] - t["start"],
-              "samples_per_s": steps * per_step / loop_s,
-              "samples_per_s_end_to_end": steps * per_step / (t["end"] - t["start"]),
-              "step_s": [b - a for a, b in zip([t["loop_start"]] + step_ends[:-1], step_ends)],
-              "rss_after_imports_mb": import_rss, "peak_rss_mb": peak_rss_mb(), "python": sys.executable}
-    result["peak_rss_above_imports_mb"] = result["peak_rss_mb"] - import_rss
+    samples = steps * (spec["dpo_batch_size"] if method == "dpo" else spec["ppo_rollout_batch_size"])
+    # training loop: from the end of loading / data preparation to the end of the last step
+    loop_s, loop_cpu_s = (step_ends[-1][i] - t["loop_start"][i] for i in (0, 1))
+    e2e_s = t["end"][0] - t["start"][0]
+    result = {"name": name, "steps": steps, "samples": samples, "loop_s": loop_s, "loop_cpu_s": loop_cpu_s,
+              "end_to_end_s": e2e_s, "samples_per_s": samples / loop_s, "samples_per_cpu_s": samples / loop_cpu_s,
+              "samples_per_s_end_to_end": samples / e2e_s,
+              "step_s": [b[0] - a[0] for a, b in zip([t["loop_start"]] + step_ends[:-1], step_ends)],
+              "rss_libraries_mb": import_rss, "peak_rss_mb": peak_rss_mb(), "python": sys.executable}
+    result["peak_rss_above_libraries_mb"] = result["peak_rss_mb"] - import_rss
     out_file.write_text(json.dumps(result))
 
 
@@ -296,18 +324,23 @@ def run_side(python: Path, name: str, spec_file: Path, work: Path) -> dict:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
         raise SystemExit(f"{name} failed (exit {proc.returncode})")
     result = json.loads(out.read_text())
-    print(f"  {name:<12} loop {result['loop_s']:6.2f} s  {result['samples_per_s']:7.1f}/s  "
-          f"peak RSS {result['peak_rss_mb']:5.0f} MiB ({result['peak_rss_above_imports_mb']:.0f} above imports)",
+    print(f"  {name:<12} loop {result['loop_s']:6.2f} s ({result['loop_cpu_s']:.2f} CPU-s)  "
+          f"{result['samples_per_s']:6.1f}/s  "
+          f"peak RSS {result['peak_rss_mb']:5.0f} MiB ({result['peak_rss_above_libraries_mb']:.0f} above libraries)",
           flush=True)
     return result
 
 
 def best(runs: list[dict]) -> dict:
-    """The fastest repeat, with the lowest memory seen over the repeats."""
+    """Each measure's best over the repeats (highest throughput, lowest memory), and all values."""
     out = dict(min(runs, key=lambda r: r["loop_s"]))
-    for k in ("peak_rss_mb", "peak_rss_above_imports_mb"):
+    for k in ("samples_per_s", "samples_per_cpu_s", "samples_per_s_end_to_end"):
+        out[k] = max(r[k] for r in runs)
+    out["samples_per_s_median"] = statistics.median(r["samples_per_s"] for r in runs)
+    for k in ("peak_rss_mb", "peak_rss_above_libraries_mb"):
         out[k] = min(r[k] for r in runs)
-    out["loop_s_all"] = [r["loop_s"] for r in runs]
+    for k in ("loop_s", "loop_cpu_s", "end_to_end_s", "peak_rss_mb"):
+        out[k + "_all"] = [r[k] for r in runs]
     return out
 
 
@@ -332,6 +365,10 @@ def main() -> None:
     parser.add_argument("--ppo-mini-batches", type=int, default=2, help="PPO minibatches per rollout batch")
     parser.add_argument("--ppo-epochs", type=int, default=2, help="PPO epochs per rollout batch")
     parser.add_argument("--ppo-response-length", type=int, default=32, help="PPO tokens sampled per response")
+    parser.add_argument("--trl-precompute-ref", action="store_true",
+                        help="TRL DPO with precompute_ref_log_probs=True (off: TRL's default)")
+    parser.add_argument("--trl-no-gc", action="store_true",
+                        help="diagnostic: TRL with gc.collect() made a no-op (its PPO calls it twice a step)")
     parser.add_argument("--warmup-steps", type=int, default=2, help="steps of the untimed warm-up run")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
     args = parser.parse_args()
@@ -357,6 +394,7 @@ def main() -> None:
                 "warmup_steps": args.warmup_steps, "dpo_data": str(work / "dpo.json"),
                 "dpo_steps": args.dpo_steps, "dpo_epochs": args.dpo_epochs, "dpo_batch_size": args.dpo_batch_size,
                 "dpo_max_length": args.dpo_max_length, "dpo_lr": 1e-6, "dpo_beta": 0.1,
+                "trl_precompute_ref": args.trl_precompute_ref, "trl_no_gc": args.trl_no_gc,
                 "ppo_prompts": str(work / "ppo_prompts.json"),
                 "ppo_instructions": str(work / "ppo_instructions.json"), "ppo_steps": args.ppo_steps,
                 "ppo_rollout_batch_size": args.ppo_rollout_batch_size, "ppo_mini_batches": args.ppo_mini_batches,
@@ -381,21 +419,26 @@ def main() -> None:
               "model": f"random Llama, hidden {args.hidden}, {args.layers} layers, 512-token BPE tokenizer",
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": "1.9.0"},
               "results": results, "ratios": {}}
-    print(f"\n{'prefgym / TRL 1.9.0':<36}{'prefgym':>10}{'TRL':>10}{'ratio':>8}   aim")
+    print(f"\n{'prefgym / TRL 1.9.0':<40}{'prefgym':>10}{'TRL':>10}{'ratio':>8}   aim")
     for method, r in results.items():
         p, t = r["prefgym"], r["trl"]
         unit = "pairs/s" if method == "dpo" else "episodes/s"
         ratios = {"throughput": p["samples_per_s"] / t["samples_per_s"],
+                  "throughput_median": p["samples_per_s_median"] / t["samples_per_s_median"],
+                  "throughput_cpu": p["samples_per_cpu_s"] / t["samples_per_cpu_s"],
                   "throughput_end_to_end": p["samples_per_s_end_to_end"] / t["samples_per_s_end_to_end"],
                   "peak_rss": p["peak_rss_mb"] / t["peak_rss_mb"],
-                  "peak_rss_above_imports": p["peak_rss_above_imports_mb"] / t["peak_rss_above_imports_mb"]}
+                  "peak_rss_above_libraries": p["peak_rss_above_libraries_mb"] / t["peak_rss_above_libraries_mb"]}
         report["ratios"][method] = ratios
-        rows = [(f"{unit} (training loop)", "samples_per_s", "throughput", "≥ 1.5" if method == "dpo" else "≥ 2"),
+        aim = "≥ 1.5" if method == "dpo" else "≥ 2"
+        rows = [(f"{unit} (training loop, best)", "samples_per_s", "throughput", aim),
+                (f"{unit} (training loop, median)", "samples_per_s_median", "throughput_median", aim),
+                (f"{unit} per CPU-second (loop)", "samples_per_cpu_s", "throughput_cpu", aim),
                 (f"{unit} (end to end)", "samples_per_s_end_to_end", "throughput_end_to_end", ""),
                 ("peak RSS MiB", "peak_rss_mb", "peak_rss", "≤ 0.8" if method == "dpo" else ""),
-                ("peak RSS above imports MiB", "peak_rss_above_imports_mb", "peak_rss_above_imports", "")]
+                ("peak RSS above libraries MiB", "peak_rss_above_libraries_mb", "peak_rss_above_libraries", "")]
         for label, key, ratio, aim in rows:
-            print(f"{method.upper() + ' ' + label:<36}{p[key]:>10.1f}{t[key]:>10.1f}{ratios[ratio]:>8.2f}   {aim}")
+            print(f"{method.upper() + ' ' + label:<40}{p[key]:>10.1f}{t[key]:>10.1f}{ratios[ratio]:>8.2f}   {aim}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(report, indent=2))

@@ -149,3 +149,30 @@ def test_dpo_cli_trains_and_rejects_unknown_keys(toy, tmp_path, capsys):
                         "--set", "max_length=64"]) == 0
     assert json.loads((tmp_path / "cli" / "train_config.json").read_text())["loss_type"] == "ipo"
     assert (tmp_path / "cli" / "model.safetensors").exists()
+
+
+def test_dpo_resume_after_crash_equals_uninterrupted(toy, tmp_path, monkeypatch):
+    root, sft, pairs = toy
+
+    def cfg(name):
+        return dpo.DPOConfig(model_name_or_path=str(sft), output_dir=str(tmp_path / name), beta=0.5, lr=3e-3,
+                             epochs=2, per_device_batch_size=16, max_length=64, save_steps=3)
+
+    full = dpo.train(cfg("full"), records=pairs)
+    real_append = dpo.append_jsonl
+
+    def crash_at_step_5(path, row):
+        real_append(path, row)
+        if row.get("step") == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(dpo, "append_jsonl", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        dpo.train(cfg("crashed"), records=pairs)
+    monkeypatch.setattr(dpo, "append_jsonl", real_append)
+    resumed = dpo.train(cfg("crashed"), records=pairs)
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    steps = [json.loads(l)["step"] for l in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))

@@ -199,3 +199,26 @@ def test_quark_pool_is_shared_across_two_processes(models, tmp_path):
         ids = quark._iteration_prompts(len(RECORDS), 4, it, 0)
         want = sorted(RECORDS[i]["instruction"] for i in ids)
         assert sorted(p["instruction"] for p in pool if p["iteration"] == it) == want
+
+
+def test_quark_best_quantile_variant_trains_on_the_top_quantile_without_tokens(models, tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "prompts.jsonl", RECORDS)
+    seen = []
+    real = quark.quark_loss
+
+    def spy(policy, reference, tokenizer, samples, quantiles, tokens, *args):
+        seen.append(([s["reward"] for s in samples], list(quantiles), list(tokens)))
+        return real(policy, reference, tokenizer, samples, quantiles, tokens, *args)
+
+    monkeypatch.setattr(quark, "quark_loss", spy)
+    out = quark.train(_cfg(models, tmp_path / "best", tmp_path / "prompts.jsonl", train_on_best_quantile=True))
+    pool = read_records(out / quark.POOL_FILE)
+    assert len(seen) == 4 and all(q == [0, 0] and set(t) == {""} for _, q, t in seen)
+    for it, (rewards, _, _) in zip([0, 0, 1, 1], seen):
+        # The best of 3 quantiles: the top ceil(n/3) rewards of the pool at that iteration.
+        pool_rewards = sorted((p["reward"] for p in pool if p["iteration"] <= it), reverse=True)
+        top = pool_rewards[: -(-len(pool_rewards) // 3)]
+        assert all(r >= min(top) for r in rewards)
+    from prefgym.methods.reward_conditioning import read_conditioning
+
+    assert read_conditioning(out) == ""

@@ -234,3 +234,11 @@ def test_ppo_cli_runs_and_rejects_unknown_keys(toy_rm, tmp_path, capsys):
                         "--set", "max_new_tokens=3"]) == 0
     m = read_metrics(tmp_path / "cli")
     assert len(m) == 1 and m[0]["kl_coef"] == 0.2
+
+
+def test_ppo_missing_eos_penalty_replaces_score(toy_rm):
+    root, sft, rm = toy_rm
+    cfg = small_cfg(root, sft, rm, "noeos", steps=1, max_new_tokens=1, missing_eos_penalty=-5.0)
+    m = read_metrics(ppo.train(cfg, prompts=toy_prompts(8, seed=11)))[0]
+    assert m["no_eos_fraction"] == 1.0  # one sampled token from a random model: no EOS
+    assert m["score"] == pytest.approx(-5.0) and m["raw_score"] != pytest.approx(-5.0)

@@ -92,7 +92,8 @@ def run(cfg: BestOfNConfig) -> Path:
     """Best-of-n outputs for every instruction of `cfg.data`; returns the path of `cfg.output_file`.
 
     Writes `output_file` (JSON list, AlpacaEval format) and `<output_file stem>.metrics.jsonl`
-    (per chunk: mean best reward, mean reward of all samples, seconds).
+    (per chunk: mean best reward, mean reward of all samples, seconds). With `resume`, a
+    finished run (output_file there) is not redone and an interrupted one continues.
     """
     from prefgym.data import load_records
     from prefgym.io import append_jsonl, read_records, write_json
@@ -111,11 +112,13 @@ def run(cfg: BestOfNConfig) -> Path:
     metrics_file = out.with_name(out.stem + ".metrics.jsonl")
     generator = cfg.generator or f"best_of_{cfg.n}_{Path(cfg.policy_model).name}"
 
+    if cfg.resume and out.exists() and not partial.exists():
+        return out  # finished earlier
     records = load_records(cfg.data, split=cfg.split, required=("instruction",))
     if cfg.max_examples >= 0:
         records = records[:cfg.max_examples]
     done = read_records(partial) if cfg.resume and partial.exists() else []
-    if not cfg.resume:
+    if not done:
         partial.unlink(missing_ok=True)
         metrics_file.unlink(missing_ok=True)
 

@@ -383,6 +383,14 @@ def load_checkpoint(accelerator, ckpt_dir: Path) -> dict | None:
     return json.loads((ckpt_dir / "state.json").read_text())
 
 
+def drop_metrics_after(metrics_file: Path, step: int) -> None:
+    """After a resume from `step`: forget the metrics rows a crashed run logged past it."""
+    from prefgym.io import read_records, write_jsonl
+
+    if metrics_file.exists():
+        write_jsonl(metrics_file, [r for r in read_records(metrics_file) if r.get("step", 0) <= step])
+
+
 def make_progress(accelerator=None):
     """A rich progress bar (shown on the main process only)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

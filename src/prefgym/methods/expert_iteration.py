@@ -64,7 +64,7 @@ def train(cfg: ExpertIterationConfig) -> Path:
     chosen_file = out / BEST_OF_N_FILE
 
     # 1. Best-of-n outputs of the SFT policy (only the main process samples; others wait for the file).
-    if not chosen_file.exists() and int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         run_best_of_n(BestOfNConfig(
             policy_model=cfg.model_name_or_path, reward_model=cfg.reward_model, data=cfg.prompts_file,
             split=cfg.prompts_split, output_file=str(chosen_file), n=cfg.n, temperature=cfg.temperature,

@@ -13,7 +13,6 @@ token j (at position P + j) the policy's logits and the value are read at positi
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import typer
 
 from prefgym.data.prompts import format_prompt
 from prefgym.errors import ConfigError
-from prefgym.io import append_jsonl, write_jsonl
+from prefgym.io import append_jsonl
 from prefgym.methods import common
 from prefgym.seeding import rng_for, seed_everything, stable_hash
 
@@ -269,9 +268,8 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
     step, kl_coef = 0, cfg.kl_coef
     if cfg.resume and (state := common.load_checkpoint(accelerator, ckpt_dir)):
         step, kl_coef = state["step"], state["kl_coef"]
-        if accelerator.is_main_process:  # drop metrics logged after the checkpoint
-            rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
-            write_jsonl(out / "metrics.jsonl", [r for r in rows if r["step"] <= step])
+        if accelerator.is_main_process:
+            common.drop_metrics_after(out / "metrics.jsonl", step)
     elif accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)

@@ -22,6 +22,9 @@ The control token goes in front of the instruction (see `reward_conditioning`); 
 at inference, `<quark_0>`, is recorded in `conditioning.json` and README.md next to the saved
 model, and `generate_conditioned_outputs` applies it. A checkpoint (model, optimizer, RNG, pool)
 is written after every iteration; running the same command again resumes.
+
+`train_on_best_quantile=True` is AlpacaFarm's default variant: no control token anywhere, and
+the training batches come from the best quantile only (filtered self-training with a KL penalty).
 """
 
 from __future__ import annotations
@@ -93,6 +96,8 @@ class QuarkConfig:
     """Tokens of prompt + response in training (prompt cut from the left)."""
     clear_pool_each_iteration: bool = False
     """Keep only the latest rollout in the pool (AlpacaFarm's clear_data_pool_on_each_rollout)."""
+    train_on_best_quantile: bool = False
+    """AlpacaFarm's variant: train on the best quantile only, with no control token anywhere."""
     seed: int = 0
     """Seed of the prompt order, rollouts and training batches."""
     resume: bool = True
@@ -250,7 +255,8 @@ def train(cfg: QuarkConfig) -> Path:
             #    This process takes every n_proc-th of them.
             ids = _iteration_prompts(len(prompts), cfg.rollout_batch_size, it, cfg.seed)[rank::n_proc]
             batch = [{"instruction": prompts[i]["instruction"], "input": prompts[i].get("input") or ""} for i in ids]
-            token = tokens[0] if it > 0 else ""  # the untrained token means nothing on the first rollout
+            # The untrained token means nothing on the first rollout.
+            token = tokens[0] if it > 0 and not cfg.train_on_best_quantile else ""
             texts = generate(accelerator.unwrap_model(policy), tokenizer,
                              [format_record(r) for r in with_control_token(batch, token)],
                              dataclasses.replace(sampling, seed=stable_hash(cfg.seed, "quark-rollout", it, rank)))
@@ -264,21 +270,24 @@ def train(cfg: QuarkConfig) -> Path:
                 pool = []
             pool.extend(new)
 
-            # 3. Re-quantise the whole pool.
+            # 3. Re-quantise the whole pool. (Best-quantile variant: keep only quantile 0, without tokens.)
             quantiles = assign_quantiles([p["reward"] for p in pool], cfg.num_quantiles)
+            train_ids = np.flatnonzero(quantiles == 0) if cfg.train_on_best_quantile else np.arange(len(pool))
+            train_tokens = [""] * cfg.num_quantiles if cfg.train_on_best_quantile else tokens
 
             # 4. Train on seeded batches of the pool; each process takes its slice of the global batch.
             policy.train()
             stats = []
             for step in range(cfg.steps_per_iteration):
                 rng = rng_for(cfg.seed, "quark-batch", it, step)
-                idx = rng.choice(len(pool), size=global_batch, replace=len(pool) < global_batch)
+                idx = train_ids[rng.choice(len(train_ids), size=global_batch, replace=len(train_ids) < global_batch)]
                 idx = idx[rank * per_rank:(rank + 1) * per_rank]
                 for m in range(cfg.grad_accum):
                     micro = idx[m * cfg.per_device_batch_size:(m + 1) * cfg.per_device_batch_size]
                     with accelerator.no_sync(policy) if m < cfg.grad_accum - 1 else nullcontext():
                         loss, s = quark_loss(policy, reference, tokenizer, [pool[i] for i in micro],
-                                             quantiles[micro], tokens, cfg.kl_coef, cfg.entropy_coef, cfg.max_length)
+                                             quantiles[micro], train_tokens, cfg.kl_coef, cfg.entropy_coef,
+                                             cfg.max_length)
                         accelerator.backward(loss / cfg.grad_accum)
                     stats.append(s)
                 if cfg.max_grad_norm > 0:
@@ -304,8 +313,9 @@ def train(cfg: QuarkConfig) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         common.save_model(accelerator.unwrap_model(policy), tokenizer, out)
-        write_json(out / "quantile_tokens.json", {"tokens": tokens, "best": tokens[0]})
-        write_conditioning(out, tokens[0], "Quark", {"num_quantiles": cfg.num_quantiles})
+        best = "" if cfg.train_on_best_quantile else tokens[0]
+        write_json(out / "quantile_tokens.json", {"tokens": tokens, "best": best})
+        write_conditioning(out, best, "Quark", {"num_quantiles": cfg.num_quantiles})
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -353,7 +363,8 @@ def add_commands(app: typer.Typer) -> None:
         generate_conditioned_outputs does it), pool.jsonl (every scored rollout), metrics.jsonl,
         quark_config.json, and checkpoint/ while training. Rerun the same command to resume.
 
-        Several processes: accelerate launch --num_processes 2 --cpu -m prefgym.cli quark ...
+        Several processes: accelerate launch --multi_gpu --num_processes 2 -m prefgym.cli quark ...
+        (on CPUs: ACCELERATE_USE_CPU=1 in front).
         """
         from prefgym.methods import common
 

@@ -60,6 +60,9 @@ def write_conditioning(out_dir: str | os.PathLike, token: str, method: str, extr
 
     out_dir = Path(out_dir)
     write_json(out_dir / CONDITIONING_FILE, {"instruction_prefix": token, "method": method, **(extra or {})})
+    if not token:
+        write_text_atomic(out_dir / "README.md", f"# {method} policy\n\nGenerate with the plain Alpaca prompt.\n")
+        return
     write_text_atomic(out_dir / "README.md", (
         f"# {method} policy\n\n"
         f"This model was trained with control tokens. To get its best outputs, put `{token}` in front of\n"

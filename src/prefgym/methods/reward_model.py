@@ -150,6 +150,8 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
     step = 0
     if cfg.resume and (state := common.load_checkpoint(accelerator, ckpt_dir)):
         step = state["step"]
+        if accelerator.is_main_process:
+            common.drop_metrics_after(out / "metrics.jsonl", step)
     elif accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)

@@ -4,7 +4,8 @@
 - judge–human agreement: a judge's label (drawn from its probability) against a held-out
   labeler's label on the same pair;
 - variance: how often an annotator disagrees with itself when asked the same pair twice
-  (2 p (1 - p), averaged), the "variance" column of AlpacaFarm's annotator table.
+  (2 p (1 - p), averaged), the "variance" column of AlpacaFarm's annotator table;
+- prefers_longer: how often the chosen output is the longer one (pairs of unequal length).
 
 All on *policy-like* pairs: two demonstrations drawn independently for the same instruction,
 as two samples of an SFT policy would be.
@@ -58,7 +59,7 @@ def judge_agreement(pairs: list[dict], judges: list[str] | None = None, populati
     judges = judges or POOL
     population = population or HumanPopulation(seed)
     rng = rng_for("world-judge-agreement", seed, *judges, label_flip_prob)
-    agree, variance = [], []
+    agree, variance, longer, human_longer = [], [], [], []
     for pair in pairs:
         params = WORLD_JUDGES[judges[int(rng.integers(len(judges)))]]
         p2 = world_judge_prob(params, *_args(pair), position_swapped=bool(rng.random() < 0.5))
@@ -67,8 +68,13 @@ def judge_agreement(pairs: list[dict], judges: list[str] | None = None, populati
         human = population.preference(int(rng.integers(population.n_labelers)), *_args(pair))
         agree.append(label == human)
         variance.append(2 * p2 * (1 - p2))
+        n1, n2 = len(pair["output_1"]), len(pair["output_2"])
+        if n1 != n2:
+            longer.append(label == (2 if n2 > n1 else 1))
+            human_longer.append(human == (2 if n2 > n1 else 1))
     return {"agreement": float(np.mean(agree)), "agreement_se": float(np.std(agree) / np.sqrt(len(agree))),
-            "variance": float(np.mean(variance))}
+            "variance": float(np.mean(variance)), "prefers_longer": float(np.mean(longer)),
+            "human_prefers_longer": float(np.mean(human_longer))}
 
 
 def human_variance(pairs: list[dict], population: HumanPopulation | None = None, seed: int = 0) -> float:

@@ -85,9 +85,9 @@ def question_document(rng: np.random.Generator, exclude: set) -> str:
 def pretraining_corpus(n_docs: int, seed: int, exclude: set = frozenset()) -> list[str]:
     """World documents for pretraining.
 
-    - 45%: an Alpaca prompt answered with the response to *another* task (half the time of the
-      same family): the format, the kinds of answers and EOS, but not instruction following;
-    - 35%: plain-text questions with right answers (what a pretrained LM "knows");
+    - 40%: an Alpaca prompt answered with the response to *another* task of the same family:
+      the format, the kind of answer each instruction wants and EOS, but not the right answer;
+    - 40%: plain-text questions with right answers (what a pretrained LM "knows");
     - 20%: world facts (lists of things, descriptions, sums, spellings).
     exclude: (instruction, input) pairs never to show with their answers (held-out val/eval tasks).
     """
@@ -95,9 +95,9 @@ def pretraining_corpus(n_docs: int, seed: int, exclude: set = frozenset()) -> li
     docs = []
     for _ in range(n_docs):
         u = rng.random()
-        if u < 0.45:
+        if u < 0.4:
             task = sample_task(rng)
-            other = sample_task(rng, task.family if rng.random() < 0.5 else None)
+            other = sample_task(rng, task.family)
             docs.append(format_prompt(task.instruction, task.input) + sample_output(other, rng))
         elif u < 0.8:
             docs.append(question_document(rng, exclude))
@@ -192,6 +192,14 @@ def save_base_model(model, tokenizer, out_dir: Path) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.save_pretrained(out_dir, safe_serialization=True)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one tiny shard: the bar is noise in our own progress display
+    try:
+        model.save_pretrained(out_dir)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(out_dir)
 

@@ -15,12 +15,13 @@ from prefgym.world.families import FAMILIES, FILLER_SENTENCES, PAD_CLOSERS, PAD_
 
 STYLES = ("clean", "verbose", "padded", "wrong", "partial", "rambling", "padded_wrong", "repetitive")
 
-# Style mixtures (probabilities in STYLES order).
-DEMONSTRATION_MIX = {"clean": 0.40, "verbose": 0.15, "padded": 0.12, "wrong": 0.12, "partial": 0.08,
-                     "rambling": 0.08, "padded_wrong": 0.03, "repetitive": 0.02}
+# Demonstrations are right about three times in four, but a third of them carry padding, small talk
+# or repetition: habits that SFT imitates and preference feedback can remove.
+DEMONSTRATION_MIX = {"clean": 0.27, "verbose": 0.13, "padded": 0.20, "wrong": 0.11, "partial": 0.08,
+                     "rambling": 0.12, "padded_wrong": 0.05, "repetitive": 0.04}
 # The reference (the davinci-003 stand-in) is right about half the time and often padded: decent,
 # and beatable by a policy that learns to answer concisely.
-REFERENCE_MIX = {"clean": 0.12, "verbose": 0.11, "padded": 0.19, "wrong": 0.24, "partial": 0.14,
+REFERENCE_MIX = {"clean": 0.10, "verbose": 0.10, "padded": 0.20, "wrong": 0.25, "partial": 0.15,
                  "rambling": 0.10, "padded_wrong": 0.07, "repetitive": 0.03}
 
 

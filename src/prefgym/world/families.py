@@ -335,13 +335,14 @@ class WordTransform(Family):
         return f["sentence"].capitalize()
 
     def partial(self, f, rng):
-        x = self.target(f)
-        if f["op"] in ("reverse", "upper", "upper_sentence"):
+        x, op = self.target(f), f["op"]
+        if op == "reverse":
+            return x[:-1]  # a letter lost
+        if op in ("upper", "upper_sentence"):
             cut = max(1, len(x) // 2)
-            return x[:cut] + (f.get("word") or f["sentence"])[cut:] if f["op"] != "reverse" else x[:-1]
-        if f["op"] == "reverse_words":
-            words = x.split()
-            return " ".join(words[:-1])
+            return x[:cut] + (f.get("word") or f["sentence"])[cut:]  # half converted
+        if op == "reverse_words":
+            return " ".join(x.split()[:-1])  # a word lost
         return f"{x}{x}"
 
     def correctness(self, f, output):

@@ -107,7 +107,7 @@ WORLD_JUDGES: dict[str, WorldJudgeParams] = {
     "world-judge-11": replace(_BASE, batch_size=5, temperature=1.0, price_per_1k_tokens=0.01),
     "world-judge-12": replace(_BASE, politeness_bias=0.2, length_bias=0.2, list_bias=0.3),
     "world-judge-13": replace(_BASE, check_prob=0.65, format_weight=1.2, position_bias=-0.2),
-    "world-judge-greedy": replace(_BASE, correctness_weight=3.5, check_prob=0.85, temperature=0.3,
+    "world-judge-greedy": replace(_BASE, correctness_weight=3.5, check_prob=0.8, temperature=0.35,
                                   price_per_1k_tokens=0.03),
 }
 POOL = [f"world-judge-{i:02d}" for i in range(1, 14)]
