@@ -14,8 +14,14 @@ step: for prefgym's DPO it includes the pass that computes the reference log-pro
 DPO the reference forward passes inside every step. "End to end" adds model loading, data
 preparation and saving. Memory is the peak resident set size of the process (ru_maxrss), and
 that peak minus the RSS once every library the run uses is imported (and has lazily loaded
-what a first tokenizer / model load pulls in): the training's own memory. With --repeats > 1 the
-sides alternate and the best time / lowest memory of each side is kept.
+what a first tokenizer / model load pulls in): the training's own memory. Throughput is also
+given per CPU-second of the training loop (one torch thread: equal to wall time on an idle
+machine, and much steadier on a busy one). With --repeats > 1 the sides alternate; each measure
+keeps its best value (and the median wall-time throughput).
+
+--trl-precompute-ref runs TRL's DPO with precompute_ref_log_probs=True (prefgym's design);
+--trl-no-gc makes gc.collect() a no-op on the TRL side, a diagnostic (its PPO loop calls it
+twice a step).
 
 Prints both sides and the ratios (prefgym / TRL) and writes bench/results/trl.json.
 """

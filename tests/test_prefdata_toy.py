@@ -114,6 +114,22 @@ def test_token_logprobs_match_manual_softmax():
     assert torch.isclose(ent[1, 3], -(p * p.log()).sum(), atol=1e-6)
 
 
+def test_response_logprobs_with_response_mask_skips_only_prompt_positions(toy_model):
+    from transformers import AutoModelForCausalLM
+
+    tok = common.load_tokenizer(toy_model)
+    model = AutoModelForCausalLM.from_pretrained(toy_model)
+    batch = common.tokenize_prompt_response(tok, ["Say something about cats", "Say something about cats and dogs"],
+                                            ["good good", "bad is ok"], 64)
+    ids, att, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    with torch.no_grad():
+        full = common.response_logprobs(model, ids, att, temperature=0.8)
+        fast = common.response_logprobs(model, ids, att, temperature=0.8, response_mask=resp)
+    torch.testing.assert_close(fast[resp.bool()], full[resp.bool()], atol=1e-5, rtol=0)
+    # both prompts have >= 4 tokens: the LM head skipped positions 0..2 (columns 1..3 of the result)
+    assert torch.all(fast[:, :4] == 0) and torch.all(full[:, 1:4] != 0)
+
+
 def test_masked_whiten_equals_numpy_on_masked_entries():
     import numpy as np
 

@@ -215,11 +215,17 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
 
 
 def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      temperature: float = 1.0) -> torch.Tensor:
-    """Per-token log-probs (B, T) of a causal LM on a (left- or right-padded) batch."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from(attention_mask)).logits
-    return token_logprobs(logits, input_ids, temperature)
+                      temperature: float = 1.0, response_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token log-probs (B, T) of a causal LM on a (left- or right-padded) batch.
+
+    With `response_mask`, the LM head and softmax run only from the first position that predicts
+    a response token on (`logits_to_keep`); the columns before it are 0.
+    """
+    T = input_ids.shape[1]
+    start = 0 if response_mask is None else max(int(response_mask.float().argmax(-1).min()) - 1, 0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
+                   logits_to_keep=T - start).logits  # (B, T - start, V): positions start .. T-1
+    return F.pad(token_logprobs(logits, input_ids[:, start:], temperature), (start, 0))
 
 
 def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -105,15 +105,56 @@ def _chosen_rejected(records: list[dict], path=None) -> list[tuple[str, str, str
     return out
 
 
-def _sequence_logps(model, tokenizer, triples, max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs (B,), (B,) of the chosen and rejected outputs, one forward pass."""
-    prompts = [t[0] for t in triples]
-    batch = common.tokenize_prompt_response(tokenizer, prompts * 2, [t[1] for t in triples] + [t[2] for t in triples],
-                                            max_length)
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    logps = common.response_logprobs(model, ids, mask)
-    seq = common.masked_sum(logps, batch["response_mask"].to(device), dim=-1)
-    return seq[: len(triples)], seq[len(triples):]
+class PairLogps(torch.nn.Module):
+    """Summed response log-probs of the chosen and rejected outputs, the shared prompt run once.
+
+    The prompts (left-padded) go through the model once; their KV cache, repeated for the two
+    responses, conditions one pass over the chosen and rejected responses (right-padded). One
+    module call per batch, so data-parallel wrappers see a single forward.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, prompt_ids, prompt_mask, response_ids, response_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        # prompt_* (B, P); response_* (2B, R): rows 2i and 2i+1 are pair i's chosen and rejected
+        out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=1,
+                         position_ids=common.position_ids_from(prompt_mask))
+        cache = out.cache
+        cache.batch_repeat_interleave(2)
+        R = response_ids.shape[1]
+        positions = prompt_mask.sum(-1).repeat_interleave(2)[:, None] + torch.arange(R, device=prompt_ids.device)
+        logits = self.model(input_ids=response_ids, attention_mask=torch.cat([prompt_mask.repeat_interleave(2, 0),
+                                                                               response_mask], 1),
+                            position_ids=positions, cache=cache).logits
+        # (2B, R, V): the prompt's last logits predict response token 0, response token t-1's predict t
+        logits = torch.cat([out.logits[:, -1:].repeat_interleave(2, 0), logits[:, :-1]], 1)
+        logps = torch.gather(torch.log_softmax(logits.float(), -1), 2, response_ids.unsqueeze(-1)).squeeze(-1)
+        seq = common.masked_sum(logps, response_mask, dim=-1)
+        return seq[0::2], seq[1::2]
+
+
+def _pair_batch(tokenizer, triples, max_length: int, device) -> list[torch.Tensor]:
+    """prompt_ids, prompt_mask (B, P) left-padded; response_ids, response_mask (2B, R) right-padded.
+
+    Responses end with EOS; the prompt keeps its last tokens and each response its first ones when
+    prompt + response is longer than max_length.
+    """
+    prompts, responses = [], []
+    for prompt, chosen, rejected in triples:
+        p = tokenizer(prompt)["input_ids"]
+        rs = [(tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[: max(1, max_length - 1)]
+              for r in (chosen, rejected)]
+        prompts.append(p[min(max(0, len(p) + max(len(r) for r in rs) - max_length), len(p) - 1):])
+        responses += rs
+    P, R = max(len(p) for p in prompts), max(len(r) for r in responses)
+    pad = tokenizer.pad_token_id
+    prompt_ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
+    prompt_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    response_ids = torch.tensor([r + [pad] * (R - len(r)) for r in responses])
+    response_mask = torch.tensor([[1] * len(r) + [0] * (R - len(r)) for r in responses])
+    return [t.to(device) for t in (prompt_ids, prompt_mask, response_ids, response_mask)]
 
 
 @torch.no_grad()
@@ -130,7 +171,7 @@ def _reference_logps(accelerator, model, tokenizer, triples, cfg: DPOConfig) -> 
         task = progress.add_task("reference log-probs", total=len(mine), info="")
         for s in range(0, len(mine), cfg.per_device_batch_size):
             idx = mine[s:s + cfg.per_device_batch_size]
-            c, r = _sequence_logps(model, tokenizer, [triples[i] for i in idx], cfg.max_length, accelerator.device)
+            c, r = model(*_pair_batch(tokenizer, [triples[i] for i in idx], cfg.max_length, accelerator.device))
             rows += [(i, float(a), float(b)) for i, a, b in zip(idx, c.tolist(), r.tolist())]
             progress.update(task, advance=len(idx))
     model.train(was_training)
@@ -158,7 +199,7 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
         records = common.load_split(cfg.preference_file, ("instruction", "output_1", "output_2", "preference"))
     triples = _chosen_rejected(records, cfg.preference_file or None)
     tokenizer = common.load_tokenizer(cfg.model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=torch.float32)
+    model = PairLogps(AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=torch.float32))
     model.to(accelerator.device)
 
     # 1. Reference log-probs, once (cached: a resumed run reads them back).
@@ -166,8 +207,8 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
     if cfg.resume and ref_file.exists():
         ref_logps = torch.load(ref_file)
     else:
-        ref_model = model if not cfg.reference_model else AutoModelForCausalLM.from_pretrained(
-            cfg.reference_model, dtype=torch.float32).to(accelerator.device)
+        ref_model = model if not cfg.reference_model else PairLogps(AutoModelForCausalLM.from_pretrained(
+            cfg.reference_model, dtype=torch.float32)).to(accelerator.device)
         ref_logps = _reference_logps(accelerator, ref_model, tokenizer, triples, cfg)
         del ref_model
         if accelerator.is_main_process:
@@ -176,11 +217,11 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
                 torch.save(ref_logps, tmp)
         accelerator.wait_for_everyone()
     if len(ref_logps) != len(triples):
-        raise DataError(f"{ref_file} holds {len(ref_logps)} pairs but the data has {len(triples)}; "
-                        "delete it (or use a fresh output_dir)", path=ref_file)
+        raise DataError(f"cached reference log-probs of {len(ref_logps)} pairs, but the data has {len(triples)}; "
+                        "delete the file (or use a fresh output_dir)", path=ref_file)
 
     # 2. Policy, optimizer, Accelerate.
-    model = common.apply_lora(model, cfg, "CAUSAL_LM")
+    model.model = common.apply_lora(model.model, cfg, "CAUSAL_LM")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
@@ -218,8 +259,8 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
                 idx = batch_idx[start:start + cfg.per_device_batch_size]
                 ref = ref_logps[idx].to(accelerator.device, torch.float32)
                 with common.no_sync_unless(accelerator, model, micro == cfg.grad_accum - 1):
-                    pc, pr = _sequence_logps(model, tokenizer, [triples[i] for i in idx], cfg.max_length,
-                                             accelerator.device)
+                    pc, pr = model(*_pair_batch(tokenizer, [triples[i] for i in idx], cfg.max_length,
+                                                accelerator.device))
                     losses, chosen_r, rejected_r = preference_loss(pc, pr, ref[:, 0], ref[:, 1], cfg.beta,
                                                                    cfg.loss_type)
                     accelerator.backward(losses.mean() / cfg.grad_accum)
@@ -243,7 +284,7 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        common.save_model(accelerator.unwrap_model(model), tokenizer, out)
+        common.save_model(accelerator.unwrap_model(model).model, tokenizer, out)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     return out

@@ -183,9 +183,10 @@ class PolicyAndValue(torch.nn.Module):
         self.policy = policy
         self.value_model = value_model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, V) logits and (B, T) values."""
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, logits_to_keep or T, V) of the last positions, and (B, T) values."""
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
                              position_ids=common.position_ids_from(attention_mask)).logits
         return logits, common.token_scores(self.value_model, input_ids, attention_mask)
 
@@ -217,11 +218,11 @@ def _load_models(cfg: PPOConfig):
 
 
 @torch.no_grad()
-def _reference_logps(reference, policy, ids, mask, temperature):
+def _reference_logps(reference, policy, ids, mask, response_mask, temperature):
     if reference is not None:
-        return common.response_logprobs(reference, ids, mask, temperature)
+        return common.response_logprobs(reference, ids, mask, temperature, response_mask)
     with policy.disable_adapter():
-        return common.response_logprobs(policy, ids, mask, temperature)
+        return common.response_logprobs(policy, ids, mask, temperature, response_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,13 +303,16 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
             mask = torch.cat([query_mask, response_mask], 1)
 
             # 4. Log-probs (at T) of policy and reference, values, and the reward model's score.
+            R = response_ids.shape[1]
             with torch.no_grad():
-                logits, values = model(ids, mask)
-                logps = common.token_logprobs(logits, ids, cfg.temperature)[:, P:]
+                # logits of positions P-1 .. P+R-1 only: the ones that predict response tokens
+                logits, values = model(ids, mask, logits_to_keep=R + 1)
+                logps = common.token_logprobs(logits, ids[:, P - 1:], cfg.temperature)[:, 1:]
                 values = values[:, P - 1:-1]  # value of the state before each response token
-                ref_logps = _reference_logps(reference, unwrapped.policy, ids, mask, cfg.temperature)[:, P:]
+                ref_logps = _reference_logps(reference, unwrapped.policy, ids, mask, F.pad(response_mask, (P, 0)),
+                                             cfg.temperature)[:, P:]
                 raw_score = scorer.score_tokens(ids, mask)
-                entropy = common.masked_mean(common.token_entropy(logits, cfg.temperature)[:, P:], response_mask)
+                entropy = common.masked_mean(common.token_entropy(logits, cfg.temperature)[:, 1:], response_mask)
                 del logits
 
                 # 5. Responses that never emit EOS get a fixed, low score.
@@ -336,8 +340,8 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
                 for m in range(cfg.num_mini_batches):
                     i = order[m * mb:(m + 1) * mb].to(device)
                     global_tokens = reduce_sum(response_mask[i].sum().float())
-                    new_logits, vpred = model(ids[i], mask[i])
-                    new_logps = common.token_logprobs(new_logits, ids[i], cfg.temperature)[:, P:]
+                    new_logits, vpred = model(ids[i], mask[i], logits_to_keep=R + 1)
+                    new_logps = common.token_logprobs(new_logits, ids[i, P - 1:], cfg.temperature)[:, 1:]
                     vpred = vpred[:, P - 1:-1]
                     losses = ppo_losses(new_logps, logps[i], advantages[i], vpred, values[i], returns[i],
                                         response_mask[i], cfg.cliprange, cfg.cliprange_value,
