@@ -125,25 +125,46 @@ def _fmt(seconds: float) -> str:
 
 # Per-scale settings of each stage on the built-in world. A run config's `stages` overrides them;
 # on real models and data, set them there (see configs/run_example.yaml).
+_FINETUNE = {"lr": 2e-4, "epochs": 2, "per_device_batch_size": 16, "max_length": 256}
 SCALE_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
-    "tiny": {
-        "sft": {"epochs": 1, "per_device_batch_size": 16, "lr": 1e-3, "max_length": 256},
-        "preference_data": {"max_new_tokens": 32, "batch_size": 32},
-        "reward_model": {"epochs": 1, "lr": 1e-4, "per_device_batch_size": 16, "max_length": 256},
-        "ppo": {"steps": 2, "per_device_rollout_batch_size": 16, "max_new_tokens": 32, "lr": 1e-4},
-        "dpo": {"epochs": 1, "lr": 1e-4, "per_device_batch_size": 16, "max_length": 256},
-        "best_of_n": {"n": 4, "max_new_tokens": 32},
-        "expert_iteration": {"n": 4, "epochs": 1, "lr": 5e-4, "max_new_tokens": 32, "max_examples": 32,
-                             "per_device_batch_size": 16},
-        "quark": {"iterations": 2, "rollout_batch_size": 16, "steps_per_iteration": 2, "max_new_tokens": 32,
-                  "lr": 1e-4},
-        "feedme": {"epochs": 1, "lr": 5e-4, "per_device_batch_size": 16},
-        "reward_conditioning": {"epochs": 1, "lr": 5e-4, "per_device_batch_size": 16},
-        "evaluate": {"temperature": 0.7, "max_new_tokens": 32, "batch_size": 64},
+    # default: the whole loop in about 10 minutes on 2 CPU cores (settings tuned on the world)
+    "default": {
+        "sft": {"epochs": 10, "lr": 2e-3, "per_device_batch_size": 16, "max_length": 256, "save_steps": 400},
+        "preference_data": {"num_samples": 4, "pairs_per_instruction": 2, "temperature": 1.0,
+                            "max_new_tokens": 64, "batch_size": 64},
+        "reward_model": {"epochs": 1, "lr": 5e-5, "per_device_batch_size": 16, "max_length": 256},
+        "ppo": {"steps": 50, "lr": 3e-5, "kl_coef": 0.2, "per_device_rollout_batch_size": 16,
+                "num_mini_batches": 2, "ppo_epochs": 2, "max_new_tokens": 64, "max_prompt_length": 256,
+                "temperature": 1.0, "save_steps": 10},
+        "dpo": {"epochs": 2, "lr": 3e-5, "beta": 0.1, "per_device_batch_size": 16, "max_length": 256},
+        "best_of_n": {"n": 16, "temperature": 1.0, "max_new_tokens": 64, "generation_batch_size": 64},
+        "expert_iteration": {**_FINETUNE, "n": 8, "temperature": 1.0, "max_new_tokens": 64,
+                             "generation_batch_size": 64, "max_examples": 400},
+        "quark": {"iterations": 4, "rollout_batch_size": 64, "steps_per_iteration": 8, "lr": 1e-4,
+                  "entropy_coef": 0.0, "max_new_tokens": 64, "generation_batch_size": 64, "max_length": 256},
+        "feedme": dict(_FINETUNE),
+        "reward_conditioning": dict(_FINETUNE),
+        "evaluate": {"temperature": 0.7, "max_new_tokens": 64, "batch_size": 64},
     },
 }
-SCALE_SETTINGS["quick"] = SCALE_SETTINGS["tiny"]
-SCALE_SETTINGS["default"] = SCALE_SETTINGS["tiny"]
+# quick: the same loop, smaller, as a smoke test (CI runs it end to end)
+SCALE_SETTINGS["quick"] = {
+    **SCALE_SETTINGS["default"],
+    "sft": {**SCALE_SETTINGS["default"]["sft"], "epochs": 6},
+    "preference_data": {**SCALE_SETTINGS["default"]["preference_data"], "num_samples": 2,
+                        "pairs_per_instruction": 1, "max_instructions": 400, "max_new_tokens": 32},
+    "ppo": {**SCALE_SETTINGS["default"]["ppo"], "steps": 6, "max_new_tokens": 32, "save_steps": 3},
+    "best_of_n": {**SCALE_SETTINGS["default"]["best_of_n"], "n": 4, "max_new_tokens": 32},
+    "expert_iteration": {**SCALE_SETTINGS["default"]["expert_iteration"], "n": 4, "max_examples": 64,
+                         "max_new_tokens": 32, "epochs": 1},
+    "quark": {**SCALE_SETTINGS["default"]["quark"], "iterations": 2, "rollout_batch_size": 32,
+              "steps_per_iteration": 2, "max_new_tokens": 32},
+    "dpo": {**SCALE_SETTINGS["default"]["dpo"], "epochs": 1},
+    "feedme": {**_FINETUNE, "epochs": 1},
+    "reward_conditioning": {**_FINETUNE, "epochs": 1},
+    "evaluate": {"temperature": 0.7, "max_new_tokens": 32, "batch_size": 64},
+}
+SCALE_SETTINGS["tiny"] = SCALE_SETTINGS["quick"]
 
 
 class Pipeline:

@@ -6,7 +6,9 @@ response tokens, y_w the preferred output):
   ipo:           loss = (h - 1 / (2β))²
 The reference log-probs do not change during training, so they are computed once, before the
 first step, by the policy itself (which starts as the reference) and cached in the output folder:
-no reference model is held in memory while training. Ties carry no preference and are skipped.
+no reference model is held in memory while training. Chosen and rejected outputs share their
+prompt, which goes through the model once per pair (`PairLogps`). Ties carry no preference and
+are skipped.
 """
 
 from __future__ import annotations
