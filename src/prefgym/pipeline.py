@@ -132,13 +132,13 @@ SCALE_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
         "sft": {"epochs": 10, "lr": 2e-3, "per_device_batch_size": 16, "max_length": 256, "save_steps": 400},
         "preference_data": {"num_samples": 4, "pairs_per_instruction": 2, "temperature": 1.0,
                             "max_new_tokens": 64, "batch_size": 64},
-        "reward_model": {"epochs": 1, "lr": 5e-5, "per_device_batch_size": 16, "max_length": 256},
-        "ppo": {"steps": 50, "lr": 3e-5, "kl_coef": 0.2, "per_device_rollout_batch_size": 16,
+        "reward_model": {"epochs": 2, "lr": 3e-4, "per_device_batch_size": 16, "max_length": 256},
+        "ppo": {"steps": 100, "lr": 5e-5, "kl_coef": 0.1, "snapshot_steps": 25, "per_device_rollout_batch_size": 16,
                 "num_mini_batches": 2, "ppo_epochs": 2, "max_new_tokens": 64, "max_prompt_length": 256,
                 "temperature": 1.0, "save_steps": 10},
         "dpo": {"epochs": 2, "lr": 3e-5, "beta": 0.1, "per_device_batch_size": 16, "max_length": 256},
-        "best_of_n": {"n": 16, "temperature": 1.0, "max_new_tokens": 64, "generation_batch_size": 64},
-        "expert_iteration": {**_FINETUNE, "n": 8, "temperature": 1.0, "max_new_tokens": 64,
+        "best_of_n": {"n": 4, "temperature": 0.7, "max_new_tokens": 64, "generation_batch_size": 64},
+        "expert_iteration": {**_FINETUNE, "n": 4, "temperature": 0.7, "max_new_tokens": 64,
                              "generation_batch_size": 64, "max_examples": 400},
         "quark": {"iterations": 4, "rollout_batch_size": 64, "steps_per_iteration": 8, "lr": 1e-4,
                   "entropy_coef": 0.0, "max_new_tokens": 64, "generation_batch_size": 64, "max_length": 256},
@@ -153,7 +153,7 @@ SCALE_SETTINGS["quick"] = {
     "sft": {**SCALE_SETTINGS["default"]["sft"], "epochs": 6},
     "preference_data": {**SCALE_SETTINGS["default"]["preference_data"], "num_samples": 2,
                         "pairs_per_instruction": 1, "max_instructions": 400, "max_new_tokens": 32},
-    "ppo": {**SCALE_SETTINGS["default"]["ppo"], "steps": 6, "max_new_tokens": 32, "save_steps": 3},
+    "ppo": {**SCALE_SETTINGS["default"]["ppo"], "steps": 6, "max_new_tokens": 32, "save_steps": 3, "snapshot_steps": 3},
     "best_of_n": {**SCALE_SETTINGS["default"]["best_of_n"], "n": 4, "max_new_tokens": 32},
     "expert_iteration": {**SCALE_SETTINGS["default"]["expert_iteration"], "n": 4, "max_examples": 64,
                          "max_new_tokens": 32, "epochs": 1},
@@ -320,6 +320,32 @@ class Pipeline:
                            mean_gold=g.get("mean_gold"))
             rows.append(row)
         write_json(self.out / tag / "eval" / "results.json", rows)
+        if tag == "sim":
+            self.evaluate_ppo_snapshots(annotators["pool"])
+
+    def evaluate_ppo_snapshots(self, pool: str) -> None:
+        """Win-rate of the PPO policy saved every `snapshot_steps` (over-optimization shows here)."""
+        from prefgym.evaluation import evaluate_outputs, gold_win_rate
+        from prefgym.io import write_json
+        from prefgym.methods.reward_conditioning import generate_conditioned_outputs
+
+        snapshots = sorted((self.out / "sim" / "methods" / "ppo" / "snapshots").glob("step-*"),
+                           key=lambda p: int(p.name.split("-")[1]))
+        if not snapshots:
+            return
+        eval_records = self.records("eval")
+        curve = [{"step": 0, "model": str(self.out / "sft")}] + [
+            {"step": int(p.name.split("-")[1]), "model": str(p)} for p in snapshots]
+        for point in curve:
+            outputs = generate_conditioned_outputs(point["model"], eval_records, self.sampling(),
+                                                   generator=f"ppo-step-{point['step']}")
+            result, _ = evaluate_outputs(outputs, eval_records, annotators=pool, seed=self.cfg.seed,
+                                         cache_dir=str(self.out / "annotator_cache"))
+            point.update(win_rate=result["win_rate"], standard_error=result["standard_error"])
+            if self.cfg.data.get("eval") is None:
+                g = gold_win_rate(outputs, eval_records)
+                point.update(gold_win_rate=g["win_rate"], gold_standard_error=g["standard_error"])
+        write_json(self.out / "sim" / "eval" / "ppo_curve.json", curve)
 
     # --- report ------------------------------------------------------------------------------
     def report(self) -> None:
@@ -363,10 +389,12 @@ class Pipeline:
     def _ppo_curve_records(self, metrics_path: Path) -> list[dict]:
         from prefgym.io import read_records
 
-        records = read_records(metrics_path)
+        records = [{**r, "reward": r.get("score")} for r in read_records(metrics_path) if "step" in r]
         curve = self.out / "sim" / "eval" / "ppo_curve.json"
         if curve.exists():
             by_step = {r["step"]: r for r in read_records(curve)}
+            if 0 in by_step:  # the SFT policy, before the first step
+                records.insert(0, {"step": 0, "reward": None, "kl": 0.0})
             for r in records:
                 if r.get("step") in by_step:
                     r.update(win_rate=by_step[r["step"]]["win_rate"], win_rate_se=by_step[r["step"]]["standard_error"])

@@ -87,6 +87,9 @@ class PPOConfig:
     """Checkpoint (policy, value model, optimizer, RNG, step, kl_coef) every this many steps."""
     sample_log_steps: int = 10
     """Write the first rollouts of every this many steps to samples.jsonl (0: never)."""
+    snapshot_steps: int = 0
+    """Also save the policy to output_dir/snapshots/step-N every this many steps (0: never), to
+    evaluate it over training (win-rate vs steps shows reward over-optimization); not with LoRA."""
     resume: bool = True
     """Continue from the checkpoint in output_dir if there is one."""
     use_lora: bool = False
@@ -383,6 +386,8 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
             # 11. Checkpoint (policy, value, optimizer, RNG; step and kl_coef).
             if step % cfg.save_steps == 0 and step < cfg.steps:
                 common.save_checkpoint(accelerator, ckpt_dir, {"step": step, "kl_coef": kl_coef})
+            if cfg.snapshot_steps and step % cfg.snapshot_steps == 0 and accelerator.is_main_process and not cfg.use_lora:
+                common.save_model(accelerator.unwrap_model(model).policy, tokenizer, out / "snapshots" / f"step-{step}")
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

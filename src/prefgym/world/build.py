@@ -60,7 +60,7 @@ SCALES: dict[str, WorldScale] = {
     "quick": WorldScale(sft=800, preference=800, unlabeled=400, val=100, eval=100,
                         model=BaseModelConfig(vocab_size=1024, hidden_size=64, num_layers=2, pretrain_docs=6000,
                                               pretrain_steps=400)),
-    "default": WorldScale(sft=2000, preference=2000, unlabeled=1000, val=200, eval=200,
+    "default": WorldScale(sft=2000, preference=2000, unlabeled=1000, val=200, eval=500,
                           model=BaseModelConfig(vocab_size=1024, hidden_size=96, num_layers=3, pretrain_docs=8000,
                                                 pretrain_steps=300)),
 }
