@@ -87,6 +87,8 @@ class Stage:
     run: Callable[[], None]
     weight: float
     """Expected share of the run's time, used for the time-left estimate."""
+    always: bool = False
+    """Run even when done before (cheap stages that depend on which stages ran, e.g. the report)."""
 
 
 def run_stages(stages: list[Stage], out_dir: Path, console=None) -> dict[str, float]:
@@ -100,7 +102,7 @@ def run_stages(stages: list[Stage], out_dir: Path, console=None) -> dict[str, fl
     ran_weight, ran_seconds = 0.0, 0.0  # stages run in this invocation, for the time-left estimate
     for i, stage in enumerate(stages):
         marker = out_dir / ".done" / stage.name
-        if marker.exists():
+        if marker.exists() and not stage.always:
             console.print(f"[dim]stage {i + 1}/{len(stages)} {stage.name}: done already, skipped[/dim]")
             remaining -= stage.weight
             continue
@@ -436,7 +438,7 @@ class Pipeline:
                 plan.append(Stage(f"{tag}/{name}", lambda n=name, t=tag: self.method(n, t), weights[name]))
             pools = eval_pools if tag == "sim" else {"human": cfg.human_annotators}
             plan.append(Stage(f"{tag}/evaluate", lambda t=tag, p=pools: self.evaluate(t, p), 3))
-        plan.append(Stage("report", self.report, 0.5))
+        plan.append(Stage("report", self.report, 0.5, always=True))
         return plan
 
 
