@@ -24,15 +24,6 @@ PAIRS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, most of all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_policy_and_reward_model(root):
     """A tiny random Llama policy and a reward model (same backbone, fixed random score head)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification

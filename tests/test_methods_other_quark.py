@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -22,14 +21,6 @@ from test_methods_other import RECORDS, make_policy_and_reward_model
 SAMPLES = [{"instruction": "Add 1 and 2.", "input": "", "output": "3 is the sum"},
            {"instruction": "Sort these numbers.", "input": "3 1 2", "output": "1 2 3"},
            {"instruction": "List two colors.", "input": "", "output": "red, blue"}]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

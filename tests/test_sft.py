@@ -24,15 +24,6 @@ RECORDS = [{"instruction": f"Add {i} and {i + 2}.", "input": "" if i % 3 else f"
             "output": f"{2 * i + 2}" + " is the sum of the two numbers" * (i % 4)} for i in range(10)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, most of all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("llama"), "llama")

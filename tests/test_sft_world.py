@@ -3,20 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
-import torch
 
 from prefgym.methods.sft import SFTConfig, train_sft
 from prefgym.models.generation import SamplingConfig, generate_outputs
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, most of all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _mean_gold_quality(model_path, records) -> float:

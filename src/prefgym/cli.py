@@ -35,9 +35,27 @@ def _build_app() -> typer.Typer:
     return app
 
 
+def _quiet_libraries() -> None:
+    """prefgym shows its own progress; keep the libraries' per-load bars and notices out of it."""
+    import logging
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # transformers is a dependency; tolerate a broken install for --help
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the command; a PrefgymError prints one clear line and exits 2."""
     _build_app()
+    _quiet_libraries()
     try:
         app(args=argv, standalone_mode=False)
     except PrefgymError as e:

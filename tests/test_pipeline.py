@@ -1,0 +1,82 @@
+"""The whole pipeline: config validation, resumable stages, and `prefgym run --scale quick` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from prefgym.cli import main
+from prefgym.errors import ConfigError
+from prefgym.pipeline import ALL_METHODS, Stage, load_run_config, run_stages
+
+
+def test_run_config_rejects_unknown_keys(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("scale: quick\nlearning_rate: 3\n")
+    with pytest.raises(ConfigError, match="unknown key 'learning_rate'"):
+        load_run_config(path)
+    assert main(["run", "--config", str(path)]) == 2
+
+
+def test_run_config_rejects_unknown_methods_and_stage_keys(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="unknown method"):
+        load_run_config(None, methods=["ppo", "rlhf-magic"])
+    path = tmp_path / "run.yaml"
+    path.write_text(f"out_dir: {tmp_path / 'out'}\nworld_dir: {tmp_path / 'nowhere'}\n"
+                    "base_model: x\ndata: {sft: x.json}\nstages: {sft: {lr: 1.0, epochz: 3}}\n")
+    # the bad stage key is reported before any training starts, naming the stage and the key
+    assert main(["run", "--config", str(path)]) == 2
+    assert "stages.sft" in capsys.readouterr().err
+
+
+def test_stages_resume_after_a_failure(tmp_path):
+    calls = []
+
+    def ok(name):
+        return lambda: calls.append(name)
+
+    def boom():
+        calls.append("b")
+        raise RuntimeError("killed")
+
+    stages = [Stage("a", ok("a"), 1), Stage("b", boom, 1), Stage("c", ok("c"), 1), Stage("r", ok("r"), 0, always=True)]
+    with pytest.raises(RuntimeError):
+        run_stages(stages, tmp_path)
+    assert calls == ["a", "b"]
+    stages[1] = Stage("b", ok("b"), 1)
+    run_stages(stages, tmp_path)
+    # a is not repeated; b (failed) and c run; the always-stage runs every time
+    assert calls == ["a", "b", "b", "c", "r"]
+    run_stages(stages, tmp_path)
+    assert calls == ["a", "b", "b", "c", "r", "r"]
+    assert set(json.loads((tmp_path / "timings.json").read_text())) == {"a", "b", "c", "r"}
+
+
+def test_quick_pipeline_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--scale", "quick", "--out", str(out)]) == 0
+    table = pd.read_csv(out / "leaderboard.csv", index_col=0)
+    assert set(table.index) == {"reference", "sft", *ALL_METHODS}
+    for column in ("win_rate", "standard_error", "n_wins", "n_wins_base", "n_draws", "n_total",
+                   "human_win_rate", "gold_win_rate"):
+        assert column in table.columns
+    n_eval = len(json.loads((out / "world" / "data" / "eval.json").read_text()))
+    assert (table["n_total"] == n_eval).all()
+    # the reference judged against itself is a draw on every example
+    assert table.loc["reference", "win_rate"] == pytest.approx(50.0)
+    assert ((table["win_rate"] >= 0) & (table["win_rate"] <= 100)).all()
+    assert (out / "leaderboard.md").read_text().count("\n") == len(table) + 2
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3  # leaderboard, humans, PPO curves
+    curve = json.loads((out / "sim" / "eval" / "ppo_curve.json").read_text())
+    assert [p["step"] for p in curve] == [0, 3, 6]
+    # a second run resumes: every stage but the report is skipped, results unchanged
+    timings = json.loads((out / "timings.json").read_text())
+    capsys.readouterr()
+    assert main(["run", "--scale", "quick", "--out", str(out)]) == 0
+    assert "done already, skipped" in capsys.readouterr().err
+    assert {k: v for k, v in json.loads((out / "timings.json").read_text()).items() if k != "report"} == \
+        {k: v for k, v in timings.items() if k != "report"}
+    assert pd.read_csv(out / "leaderboard.csv", index_col=0).equals(table)
