@@ -242,3 +242,30 @@ def test_ppo_missing_eos_penalty_replaces_score(toy_rm):
     m = read_metrics(ppo.train(cfg, prompts=toy_prompts(8, seed=11)))[0]
     assert m["no_eos_fraction"] == 1.0  # one sampled token from a random model: no EOS
     assert m["score"] == pytest.approx(-5.0) and m["raw_score"] != pytest.approx(-5.0)
+
+
+def test_ppo_killed_in_a_subprocess_then_resumed_equals_uninterrupted(toy_rm, tmp_path):
+    """A hard exit (as SIGKILL leaves it: no cleanup) after step 3, then a fresh process resumes."""
+    root, sft, rm = toy_rm
+    full = ppo.train(small_cfg(root, sft, rm, "full-kill"), prompts=toy_prompts(16, seed=7))
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+        torch.set_num_threads(1)
+        from pathlib import Path
+        from test_ppo import small_cfg, toy_prompts
+        from prefgym.methods import ppo
+        ppo.train(small_cfg(Path({str(root)!r}), Path({str(sft)!r}), Path({str(rm)!r}), "killed"),
+                  prompts=toy_prompts(16, seed=7))
+    """)
+    env = {**os.environ, "PREFGYM_CRASH_AFTER_STEP": "3"}
+    killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    assert not (root / "killed" / "model.safetensors").exists()
+    assert json.loads((root / "killed" / "checkpoint" / "state.json").read_text())["step"] == 2
+    env.pop("PREFGYM_CRASH_AFTER_STEP")
+    resumed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = load_file(full / "model.safetensors"), load_file(root / "killed" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)

@@ -231,3 +231,21 @@ def test_sft_cli_end_to_end_and_help(llama, tmp_path, capsys):
     assert main(["sft", "--help"]) == 0
     text = capsys.readouterr().out
     assert "Reads" in text and "Writes" in text and "metrics.jsonl" in text
+
+
+def test_lora_sft_trains_only_adapters_and_saves_a_merged_plain_model(llama, tmp_path):
+    out = train_sft(_cfg(llama, tmp_path / "lora", epochs=3, lr=5e-2, use_lora=True, lora_r=4), RECORDS)
+    rows = _metrics(out)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    before, after = _weights(llama), _weights(out)
+    assert before.keys() == after.keys()  # merged: no adapter tensors left, same names as the base
+    # LoRA touches the linear layers only; embeddings and norms stay exactly as they were
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    assert all(torch.equal(before[k], after[k]) for k in after if "norm" in k)
+    changed = [k for k in after if k.endswith("q_proj.weight") and not torch.equal(before[k], after[k])]
+    assert changed
+    # the merged update of a (out, in) weight has rank <= lora_r
+    k = changed[0]
+    assert torch.linalg.matrix_rank(after[k] - before[k]).item() <= 4
+    model, _ = load_model_and_tokenizer(out)
+    assert type(model).__name__ == "LlamaForCausalLM"

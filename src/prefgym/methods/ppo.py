@@ -13,6 +13,7 @@ token j (at position P + j) the policy's logits and the value are read at positi
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from prefgym.data.prompts import format_prompt
 from prefgym.errors import ConfigError
 from prefgym.io import append_jsonl
 from prefgym.methods import common
+from prefgym.methods.sft import CRASH_AFTER_STEP_ENV
 from prefgym.seeding import rng_for, seed_everything, stable_hash
 
 
@@ -388,6 +390,8 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
                 common.save_checkpoint(accelerator, ckpt_dir, {"step": step, "kl_coef": kl_coef})
             if cfg.snapshot_steps and step % cfg.snapshot_steps == 0 and accelerator.is_main_process and not cfg.use_lora:
                 common.save_model(accelerator.unwrap_model(model).policy, tokenizer, out / "snapshots" / f"step-{step}")
+            if step == int(os.environ.get(CRASH_AFTER_STEP_ENV, "0")):
+                os._exit(137)  # tests: a hard kill after this step, as SIGKILL would leave it
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

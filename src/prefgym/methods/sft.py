@@ -74,6 +74,14 @@ class SFTConfig:
     """Accelerate mixed precision: no, bf16 or fp16."""
     progress: bool = True
     """Show a progress bar."""
+    use_lora: bool = False
+    """Train LoRA adapters (peft) instead of all weights; they are merged into the saved model."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA path."""
 
 
 def train_sft(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
@@ -109,6 +117,9 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
     accelerator = _accelerator(cfg.mixed_precision)
     seed_everything(cfg.seed)
     model, tokenizer = load_model_and_tokenizer(model_path, dtype=cfg.dtype)
+    from prefgym.methods.common import apply_lora
+
+    model = apply_lora(model, cfg, task_type="CAUSAL_LM")
     examples = [tokenize_example(tokenizer, format_record(r), r["output"], cfg.max_length) for r in records]
     n_targets = [sum(label != -100 for label in e["labels"][1:]) for e in examples]
 
@@ -275,8 +286,12 @@ def _restore(accelerator, out: Path, metrics_file: Path) -> int:
 
 def _save_final(model, tokenizer, out: Path) -> None:
     """save_pretrained into a temporary folder, then move the files in (nothing half-written)."""
+    from peft import PeftModel
+
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     for f in tmp.iterdir():
