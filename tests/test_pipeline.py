@@ -80,3 +80,29 @@ def test_quick_pipeline_end_to_end(tmp_path, capsys):
     assert {k: v for k, v in json.loads((out / "timings.json").read_text()).items() if k != "report"} == \
         {k: v for k, v in timings.items() if k != "report"}
     assert pd.read_csv(out / "leaderboard.csv", index_col=0).equals(table)
+
+
+def test_example_run_config_is_valid_for_every_stage():
+    """configs/run_example.yaml (real models) parses, and each stage's overrides fit its config."""
+    from pathlib import Path
+
+    from prefgym.pipeline import Pipeline
+
+    cfg = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "run_example.yaml")
+    assert cfg.base_model and cfg.human_annotators is None and set(cfg.methods) == set(ALL_METHODS)
+    pipeline = Pipeline(cfg)
+    from prefgym.methods import (best_of_n, dpo, expert_iteration, ppo, preference_data, quark,
+                                 reward_model, sft)
+
+    for stage, cls in [("sft", sft.SFTConfig), ("preference_data", preference_data.PreferenceDataConfig),
+                       ("reward_model", reward_model.RewardModelConfig), ("ppo", ppo.PPOConfig),
+                       ("dpo", dpo.DPOConfig), ("best_of_n", best_of_n.BestOfNConfig),
+                       ("expert_iteration", expert_iteration.ExpertIterationConfig), ("quark", quark.QuarkConfig)]:
+        made = pipeline.make_config(cls, stage)
+        for key, value in cfg.stages[stage].items():
+            assert getattr(made, key) == value
+    assert pipeline.sampling().max_new_tokens == 300
+    # on real models the world's tuned scale settings do not leak in: other fields keep the defaults
+    assert not pipeline.on_world
+    assert pipeline.make_config(ppo.PPOConfig, "ppo").num_mini_batches == ppo.PPOConfig().num_mini_batches
+    assert pipeline.make_config(sft.SFTConfig, "sft").save_steps == sft.SFTConfig().save_steps

@@ -178,9 +178,16 @@ class Pipeline:
         self.world = Path(cfg.world_dir) if cfg.world_dir else self.out / "world"
 
     # --- helpers -----------------------------------------------------------------------------
+    @property
+    def on_world(self) -> bool:
+        """True when the run uses the built-in world's model and data (not a real model or data)."""
+        return self.cfg.base_model is None and not self.cfg.data
+
     def settings(self, stage: str, **fixed) -> dict[str, Any]:
-        """Scale defaults, then the run config's overrides, then what the pipeline fixes (paths)."""
-        values = dict(SCALE_SETTINGS.get(self.cfg.scale, SCALE_SETTINGS["default"]).get(stage, {}))
+        """Scale defaults (built-in world only), then the run config's overrides, then paths."""
+        values: dict[str, Any] = {}
+        if self.on_world:  # the scale settings are tuned for the world's tiny models only
+            values.update(SCALE_SETTINGS[self.cfg.scale].get(stage, {}))
         values.update(self.cfg.stages.get(stage, {}))
         values.update(fixed)
         return values
