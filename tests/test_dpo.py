@@ -108,6 +108,16 @@ def launch_two_cpu_processes(script, *args) -> list[str]:
             "--main_process_port", str(port), str(script), *args]
 
 
+def train_with_one_and_two_processes(script, out_dir, batch_one: int, batch_two: int):
+    """Run `script OUT BATCH` in 1 process and in 2 (with half the per-process batch); return both
+    saved state dicts (`OUT/model.safetensors`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(out_dir / "one"), str(batch_one)], check=True, env=env)
+    subprocess.run(launch_two_cpu_processes(script, str(out_dir / "two"), str(batch_two)), check=True,
+                   env={**env, "ACCELERATE_USE_CPU": "1"})
+    return load_file(out_dir / "one" / "model.safetensors"), load_file(out_dir / "two" / "model.safetensors")
+
+
 DPO_SCRIPT = textwrap.dedent("""
     import sys, json
     sys.path.insert(0, {tests!r})
@@ -124,11 +134,7 @@ def test_dpo_two_processes_match_one(toy, tmp_path):
     root, sft, _ = toy
     script = tmp_path / "run_dpo.py"
     script.write_text(DPO_SCRIPT.format(tests=os.path.dirname(__file__), sft=str(sft)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "8"], check=True, env=env)
-    subprocess.run(launch_two_cpu_processes(script, str(tmp_path / "two"), "4"), check=True,
-                   env={**env, "ACCELERATE_USE_CPU": "1"})
-    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    one, two = train_with_one_and_two_processes(script, tmp_path, 8, 4)
     for k in one:
         torch.testing.assert_close(one[k], two[k], atol=2e-5, rtol=1e-4)
     m1 = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]

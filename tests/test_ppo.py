@@ -201,16 +201,12 @@ PPO_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_ppo_two_processes_match_one(toy_rm, tmp_path):
-    from test_dpo import launch_two_cpu_processes
+    from test_dpo import train_with_one_and_two_processes
 
     root, sft, rm = toy_rm
     script = tmp_path / "run_ppo.py"
     script.write_text(PPO_SCRIPT.format(tests=os.path.dirname(__file__), sft=str(sft), rm=str(rm)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "8"], check=True, env=env)
-    subprocess.run(launch_two_cpu_processes(script, str(tmp_path / "two"), "4"), check=True,
-                   env={**env, "ACCELERATE_USE_CPU": "1"})
-    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    one, two = train_with_one_and_two_processes(script, tmp_path, 8, 4)
     for k in one:
         torch.testing.assert_close(one[k], two[k], atol=1e-4, rtol=1e-3)
     m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")

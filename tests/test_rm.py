@@ -133,19 +133,13 @@ reward_model.train(cfg, records=toy_pairs(40, seed=5, ties=True))
 @pytest.mark.slow
 def test_reward_model_two_processes_match_one(tmp_path):
     import os
-    import subprocess
-    import sys
 
-    from test_dpo import launch_two_cpu_processes
+    from test_dpo import train_with_one_and_two_processes
 
     sft = make_toy_model(tmp_path / "sft")
     script = tmp_path / "run_rm.py"
     script.write_text(RM_SCRIPT.format(tests=os.path.dirname(__file__), sft=str(sft)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "10"], check=True, env=env)
-    subprocess.run(launch_two_cpu_processes(script, str(tmp_path / "two"), "5"), check=True,
-                   env={**env, "ACCELERATE_USE_CPU": "1"})
-    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    one, two = train_with_one_and_two_processes(script, tmp_path, 10, 5)
     for k in one:
         torch.testing.assert_close(one[k], two[k], atol=2e-5, rtol=1e-4)
     n1 = json.loads((tmp_path / "one" / "reward_normalization.json").read_text())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -121,12 +120,6 @@ def test_bf16_mixed_precision_trains_and_leaves_no_setting_behind(llama, tmp_pat
     assert Accelerator().mixed_precision == "no"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
@@ -139,10 +132,9 @@ def test_two_processes_follow_the_one_process_loss_curve(llama, tmp_path):
     config.write_text(f"model_name_or_path: {llama}\ntrain_file: {data}\noutput_dir: {tmp_path / 'two'}\n"
                       "epochs: 2\nlr: 0.01\nwarmup_ratio: 0.0\nper_device_batch_size: 2\nprogress: false\n")
     # `--multi_gpu` starts the processes with torchrun; without a GPU they train on CPU (gloo).
-    # (`--cpu --num_processes 2` starts a single process unless MPI is set up.)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "prefgym.cli", "sft", "--config", str(config)]
+    from test_dpo import launch_two_cpu_processes
+
+    cmd = launch_two_cpu_processes("-m", "prefgym.cli", "sft", "--config", str(config))
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = tmp_path / "two"

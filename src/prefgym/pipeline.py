@@ -216,13 +216,16 @@ class Pipeline:
     def base_model(self) -> str:
         return self.cfg.base_model or str(self.world / "base_model")
 
+    @property
+    def has_gold(self) -> bool:
+        """The built-in world's eval split: its gold quality function applies."""
+        return self.cfg.data.get("eval") is None
+
     def sampling(self):
+        """Decoding for evaluation (stage `evaluate`, validated like every stage)."""
         from prefgym.models.generation import SamplingConfig
 
-        values = self.settings("evaluate")
-        return SamplingConfig(**{k: v for k, v in values.items()
-                                 if k in {f.name for f in dataclasses.fields(SamplingConfig)}},
-                              seed=self.cfg.seed)
+        return self.make_config(SamplingConfig, "evaluate", seed=self.cfg.seed)
 
     # --- stages ------------------------------------------------------------------------------
     def build_world(self) -> None:
@@ -288,12 +291,11 @@ class Pipeline:
                 reward_conditioning.RewardConditioningConfig, name, model_name_or_path=sft,
                 preference_file=pairs, output_dir=str(out), seed=seed))
 
-    def outputs(self, generator: str, model_dir: Path | None, tag: str) -> list[dict]:
+    def outputs(self, generator: str, model_dir: Path | None, tag: str, eval_records: list[dict]) -> list[dict]:
         """Eval-set outputs of one generator (generated once, cached in the run folder)."""
         from prefgym.io import read_records, write_json
         from prefgym.methods.reward_conditioning import generate_conditioned_outputs
 
-        eval_records = self.records("eval")
         if generator == "reference":
             return [{**r, "generator": "reference"} for r in eval_records]
         path = self.out / tag / "eval" / generator / "model_outputs.json"
@@ -315,7 +317,7 @@ class Pipeline:
             generators[name] = self.out / tag / "methods" / name
         rows = []
         for generator, model_dir in generators.items():
-            outputs = self.outputs(generator, model_dir, tag)
+            outputs = self.outputs(generator, model_dir, tag, eval_records)
             row: dict[str, Any] = {"generator": generator, "trained_on": tag}
             for label, pool in annotators.items():
                 result, annotations = evaluate_outputs(outputs, eval_records, annotators=pool, seed=self.cfg.seed,
@@ -323,16 +325,16 @@ class Pipeline:
                 write_json(self.out / tag / "eval" / generator / f"annotations_{label}.json", annotations)
                 for key, value in result.items():
                     row[key if label == "pool" else f"{label}_{key}"] = value
-            if self.cfg.data.get("eval") is None:  # the built-in world has a gold quality function
+            if self.has_gold:
                 g = gold_win_rate(outputs, eval_records)
                 row.update(gold_win_rate=g["win_rate"], gold_standard_error=g["standard_error"],
                            mean_gold=g.get("mean_gold"))
             rows.append(row)
         write_json(self.out / tag / "eval" / "results.json", rows)
         if tag == "sim":
-            self.evaluate_ppo_snapshots(annotators["pool"])
+            self.evaluate_ppo_snapshots(annotators["pool"], eval_records)
 
-    def evaluate_ppo_snapshots(self, pool: str) -> None:
+    def evaluate_ppo_snapshots(self, pool: str, eval_records: list[dict]) -> None:
         """Win-rate of the PPO policy saved every `snapshot_steps` (over-optimization shows here)."""
         from prefgym.evaluation import evaluate_outputs, gold_win_rate
         from prefgym.io import write_json
@@ -342,16 +344,18 @@ class Pipeline:
                            key=lambda p: int(p.name.split("-")[1]))
         if not snapshots:
             return
-        eval_records = self.records("eval")
         curve = [{"step": 0, "model": str(self.out / "sft")}] + [
             {"step": int(p.name.split("-")[1]), "model": str(p)} for p in snapshots]
         for point in curve:
-            outputs = generate_conditioned_outputs(point["model"], eval_records, self.sampling(),
-                                                   generator=f"ppo-step-{point['step']}")
+            if point["step"] == 0:  # the policy before PPO is the SFT model, already generated
+                outputs = self.outputs("sft", self.out / "sft", "sim", eval_records)
+            else:
+                outputs = generate_conditioned_outputs(point["model"], eval_records, self.sampling(),
+                                                       generator=f"ppo-step-{point['step']}")
             result, _ = evaluate_outputs(outputs, eval_records, annotators=pool, seed=self.cfg.seed,
                                          cache_dir=str(self.out / "annotator_cache"))
             point.update(win_rate=result["win_rate"], standard_error=result["standard_error"])
-            if self.cfg.data.get("eval") is None:
+            if self.has_gold:
                 g = gold_win_rate(outputs, eval_records)
                 point.update(gold_win_rate=g["win_rate"], gold_standard_error=g["standard_error"])
         write_json(self.out / "sim" / "eval" / "ppo_curve.json", curve)

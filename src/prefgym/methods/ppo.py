@@ -282,6 +282,7 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
         (out / "samples.jsonl").unlink(missing_ok=True)
         common.save_config(cfg, out / "train_config.json")
 
+    crash_after = int(os.environ.get(CRASH_AFTER_STEP_ENV, "0"))  # tests: simulated kill
     t0 = time.time()
     with common.make_progress(accelerator) as progress:
         task = progress.add_task("ppo", total=cfg.steps, completed=step, info="")
@@ -390,7 +391,7 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
                 common.save_checkpoint(accelerator, ckpt_dir, {"step": step, "kl_coef": kl_coef})
             if cfg.snapshot_steps and step % cfg.snapshot_steps == 0 and accelerator.is_main_process and not cfg.use_lora:
                 common.save_model(accelerator.unwrap_model(model).policy, tokenizer, out / "snapshots" / f"step-{step}")
-            if step == int(os.environ.get(CRASH_AFTER_STEP_ENV, "0")):
+            if step == crash_after:
                 os._exit(137)  # tests: a hard kill after this step, as SIGKILL would leave it
 
     accelerator.wait_for_everyone()

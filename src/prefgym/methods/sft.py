@@ -285,15 +285,12 @@ def _restore(accelerator, out: Path, metrics_file: Path) -> int:
 
 
 def _save_final(model, tokenizer, out: Path) -> None:
-    """save_pretrained into a temporary folder, then move the files in (nothing half-written)."""
-    from peft import PeftModel
+    """save_pretrained into a temporary folder (LoRA merged), then move the files in (nothing half-written)."""
+    from prefgym.methods.common import save_model
 
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(model, PeftModel):
-        model = model.merge_and_unload()
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
+    save_model(model, tokenizer, tmp)
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()
