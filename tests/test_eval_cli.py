@@ -40,9 +40,10 @@ def test_compare_and_evaluate_commands(tmp_path, capsys):
     ann = [{"instruction": f"q{i}", "output_1": "r", "output_2": "m", "preference": 2 if i < 8 else 1} for i in range(10)]
     a = _write(tmp_path / "a.json", ann)
     b = _write(tmp_path / "b.json", [{**x, "preference": 1} for x in ann])
-    assert main(["compare", str(a), str(b), "--n-bootstrap", "50"]) == 0
+    assert main(["compare", str(a), str(b), "--n-bootstrap", "50", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["difference"] == pytest.approx(80.0) and r["n_a_better"] == 8
+    assert r["a"] == str(a) and r["b"] == str(b)
 
 
 def _annotation(**kw):
@@ -53,8 +54,10 @@ def _annotation(**kw):
     (["leaderboard"], '[{"instruction": "q", "output_1": "r", "outp', "invalid JSON"),
     (["leaderboard"], [{"instruction": "q", "output_1": "r", "output_2": "m"}], "field 'preference'"),
     (["leaderboard"], [_annotation(), _annotation(preference="left")], "row 1, field 'preference'"),
-    (["leaderboard"], [_annotation(preference=7)], "preference must be in [1, 2]"),
-    (["leaderboard"], {"not": "annotations"}, "field 'preference'"),
+    (["leaderboard"], [_annotation(preference=7)], "row 0, field 'preference'"),
+    (["leaderboard"], {"not": "annotations"}, "expected a list of records"),
+    (["leaderboard"], [_annotation(), {"output_1": "r", "output_2": "m", "preference": 1}], "row 1, field 'instruction'"),
+    (["leaderboard"], [_annotation(instruction=None)], "row 0, field 'instruction'"),
     (["elo"], [{"model_a": "a", "model_b": "b", "winner": "draw"}], "winner must be one of"),
     (["elo"], "model_a,model_b,winner\n", "invalid JSON"),
 ])
@@ -63,6 +66,44 @@ def test_malformed_files_exit_2(tmp_path, capsys, command, content, expected):
     assert main(command + [str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and expected in err and "bad.json" in err
+
+
+def test_compare_names_a_and_b_and_reads_as_a_sentence(tmp_path, capsys):
+    ann = [{"instruction": f"q{i}", "output_1": "r", "output_2": "m", "generator_2": "alpha",
+            "preference": 2 if i < 8 else 1} for i in range(10)]
+    a = _write(tmp_path / "a.json", ann)
+    b = _write(tmp_path / "b.json", [{**x, "generator_2": "beta", "preference": 1} for x in ann])
+    assert main(["compare", str(b), str(a), "--n-bootstrap", "200"]) == 0
+    out = capsys.readouterr().out
+    assert f"A = beta ({b})" in out and f"B = alpha ({a})" in out
+    # B (alpha) wins 8 of 10 where A (beta) lost all: B better by 80 points
+    assert "on 10 shared instructions: B better by 80.00 points [" in out
+    assert "p < 0.005" in out and "A better on 0 instructions, B on 8" in out
+
+
+def test_compare_without_instruction_names_file_and_row(tmp_path, capsys):
+    good = _write(tmp_path / "good.json", [_annotation(), _annotation(instruction="q2")])
+    bad = _write(tmp_path / "bad.json", [_annotation(), _annotation(instruction=None)])
+    assert main(["compare", str(good), str(bad)]) == 2
+    assert "bad.json, row 1, field 'instruction'" in capsys.readouterr().err
+
+
+def test_leaderboard_command_with_instruction_difficulty(alpaca_eval_dir, tmp_path):
+    out = tmp_path / "lb.csv"
+    ann = alpaca_eval_dir / "alpaca-7b" / "annotations_weighted_alpaca_eval_gpt4_turbo.json"
+    assert main(["leaderboard", str(ann), "--instruction-difficulty", str(alpaca_eval_dir / "instruction_difficulty.json"),
+                 "--lc-bootstrap", "20", "--output", str(out)]) == 0
+    row = pd.read_csv(out, index_col=0).loc["alpaca-7b"]
+    assert row["length_controlled_winrate"] == pytest.approx(6.6277275, abs=1e-6)  # see test_length_control.py
+    assert row["lc_ci_low"] < row["length_controlled_winrate"] < row["lc_ci_high"]
+
+
+def test_leaderboard_command_rejects_an_unknown_instruction(alpaca_eval_dir, tmp_path, capsys):
+    ann = _write(tmp_path / "ann.json", [_annotation(instruction="not in the eval set")])
+    assert main(["leaderboard", str(ann), "--instruction-difficulty",
+                 str(alpaca_eval_dir / "instruction_difficulty.json")]) == 2
+    assert "ann.json, row 0, field 'instruction': instruction not in the instruction-difficulty file" in \
+        capsys.readouterr().err
 
 
 def test_compare_with_a_malformed_file_exits_2(tmp_path, capsys):

@@ -30,7 +30,7 @@ def test_lc_removes_a_pure_length_advantage():
     lc = length_controlled_win_rate(ann, n_bootstrap=50)
     assert raw > 75
     assert abs(lc["length_controlled_winrate"] - 50) < 6
-    assert abs(lc["length_controlled_winrate"] - 50) < 2.5 * lc["lc_standard_error"] + 1
+    assert lc["lc_ci_low"] - 1 < 50 < lc["lc_ci_high"] + 1
     assert lc["weight_length"] == pytest.approx(-2.5, abs=0.6)
 
 
@@ -86,10 +86,17 @@ def test_rank_correlation():
 
 
 def test_lc_without_length_differences_is_the_raw_win_rate():
-    # equal lengths: the GLM is intercept-only, so LC = raw win-rate and its bootstrap SE ~ the analytic SE
+    # equal lengths: the GLM is intercept-only, so LC = raw win-rate up to the L1 shrinkage: at the
+    # optimum C * sum(q - y) + sign(w) = 0, i.e. the prediction is mean(y) - sign(w) / (C n). The
+    # bootstrap interval is the usual +-1.96 SE, while AlpacaEval's lc_standard_error (the sem of
+    # identical predictions) is 0.
     prefs = np.random.default_rng(3).choice([1, 2, 0], size=400, p=[0.55, 0.4, 0.05])
     ann = [{"output_1": "ab", "output_2": "cd", "preference": int(p)} for p in prefs]
     raw = win_rate(prefs)
     lc = length_controlled_win_rate(ann, n_bootstrap=400)
-    assert lc["length_controlled_winrate"] == pytest.approx(raw["win_rate"], abs=1e-6)
-    assert lc["lc_standard_error"] == pytest.approx(raw["standard_error"], rel=0.15)
+    shrink = 100 * np.sign(lc["weight_model"]) / (lc["C"] * 400)
+    assert lc["weight_model"] < 0 and lc["C"] < 1e4  # CV picked a C whose shrinkage is visible
+    assert lc["length_controlled_winrate"] == pytest.approx(raw["win_rate"] - shrink, abs=1e-8)
+    assert lc["lc_standard_error"] == pytest.approx(0, abs=1e-9)
+    half_width = (lc["lc_ci_high"] - lc["lc_ci_low"]) / 2
+    assert half_width == pytest.approx(1.96 * raw["standard_error"], rel=0.15)

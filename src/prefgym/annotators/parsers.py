@@ -71,18 +71,79 @@ def json_parser(completion: Completion, annotation_key: str = "preference",
     return [_as_preference(r.get(annotation_key), vmap) if isinstance(r, dict) else None for r in rows]
 
 
+def _describe(value) -> str:
+    if isinstance(value, dict):
+        return f"an object with keys {sorted(map(str, value))[:8]}"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def token_logprobs(logprobs) -> list[dict]:
+    """The per-token list [{token, logprob, top_logprobs: [{token, logprob}, ...]}, ...] from any shape a
+    judge returns: that list; OpenAI's chat `logprobs` object ({"content": [...]}, as AlpacaEval stores it);
+    a whole choice ({"logprobs": ...}); or the legacy completions object (tokens, token_logprobs,
+    top_logprobs as one {token: logprob} dict per token). Anything else raises ParseError saying what it got.
+    """
+    if isinstance(logprobs, dict):
+        if "content" in logprobs:
+            return token_logprobs(logprobs["content"])
+        if "logprobs" in logprobs:
+            return token_logprobs(logprobs["logprobs"])
+        if isinstance(logprobs.get("tokens"), list) and isinstance(logprobs.get("top_logprobs"), list):
+            tops = logprobs["top_logprobs"]
+            lps = logprobs.get("token_logprobs") or [None] * len(tops)
+            if all(isinstance(t, dict) for t in tops):
+                return [{"token": tok, "logprob": lp, "top_logprobs": [{"token": k, "logprob": v} for k, v in top.items()]}
+                        for tok, lp, top in zip(logprobs["tokens"], lps, tops)]
+    if isinstance(logprobs, list) and all(isinstance(t, dict) for t in logprobs):
+        return logprobs
+    raise ParseError(f"logprobs must be a list of tokens or an OpenAI logprobs object with 'content', got "
+                     f"{_describe(logprobs)}")
+
+
+def _top_logprobs(first: dict) -> dict[str, float]:
+    """{token: logprob} of the first generated token's alternatives; ParseError naming a malformed entry."""
+    top = first.get("top_logprobs")
+    if not isinstance(top, list) or not top:
+        raise ParseError("the first token has no top_logprobs (ask for logprobs with top_logprobs >= 2); "
+                         f"it is {_describe(first)}")
+    out = {}
+    for i, entry in enumerate(top):
+        if not isinstance(entry, dict) or "token" not in entry or "logprob" not in entry:
+            raise ParseError(f"top_logprobs entry {i} must have 'token' and 'logprob', got {_describe(entry)}")
+        try:
+            out[str(entry["token"])] = float(entry["logprob"])  # a repeated token: the last, as before
+        except (TypeError, ValueError):
+            raise ParseError(f"top_logprobs entry {i} ({entry['token']!r}) has a non-numeric logprob "
+                             f"{entry['logprob']!r}") from None
+    return out
+
+
+def first_token_logprobs(logprobs) -> list[dict] | object:
+    """The first token's entry as a one-element list, for storing; the object unchanged if it is unreadable."""
+    try:
+        return token_logprobs(logprobs)[:1]
+    except ParseError:
+        return logprobs
+
+
 def logprob_parser(completion: Completion, first_token: str = "m",
                    second_token: str = "M") -> list[float | None]:
     """Preference = 1 + P(second_token), normalised over the two tokens, from the first token's
-    top_logprobs (AlpacaEval 2's weighted judge). A token absent from top_logprobs has probability 0.
+    top_logprobs (AlpacaEval 2's weighted judge). A token absent from top_logprobs has probability 0;
+    when both are absent, ParseError lists the tokens that were there.
     """
     if not completion.logprobs:
         raise ParseError("the completion has no logprobs (ask for logprobs and top_logprobs)")
-    top = completion.logprobs[0].get("top_logprobs") or []
-    lp = {t["token"]: t["logprob"] for t in top if t["token"] in (first_token, second_token)}
-    if not lp:
-        return [None]
-    lp1, lp2 = lp.get(first_token, -math.inf), lp.get(second_token, -math.inf)
+    tokens = token_logprobs(completion.logprobs)
+    if not tokens:
+        raise ParseError("the completion's logprobs list no token")
+    top = _top_logprobs(tokens[0])
+    if first_token not in top and second_token not in top:
+        seen = ", ".join(repr(t) for t in list(top)[:10])
+        raise ParseError(f"neither answer token {first_token!r} nor {second_token!r} in the first token's "
+                         f"top_logprobs (saw {seen})")
+    lp1, lp2 = top.get(first_token, -math.inf), top.get(second_token, -math.inf)
     log_norm = max(lp1, lp2) + math.log(math.exp(lp1 - max(lp1, lp2)) + math.exp(lp2 - max(lp1, lp2)))
     return [1.0 + math.exp(lp2 - log_norm)]
 

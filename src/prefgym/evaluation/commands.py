@@ -9,6 +9,12 @@ from typing import List, Optional
 import typer
 
 
+def _compare_name(rows: list[dict], path: Path) -> str:
+    """`generator_2` when the file has exactly one, plus the path."""
+    generators = {str(r["generator_2"]) for r in rows if r.get("generator_2")}
+    return f"{generators.pop()} ({path})" if len(generators) == 1 else str(path)
+
+
 def add_commands(app: typer.Typer) -> None:
     """Add this area's sub-commands to the `prefgym` app."""
 
@@ -25,7 +31,12 @@ def add_commands(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="With --model: generation length."),
         gold: bool = typer.Option(False, "--gold", help="Also report the built-in world's gold win-rate."),
     ):
-        """Win-rate of a model against the reference outputs, judged by the evaluation annotators."""
+        """Win-rate of a model against the reference outputs, judged by the evaluation annotators.
+
+        Reads MODEL_OUTPUTS (or generates them with --model) and --reference. Prints the result;
+        writes model_outputs.json, annotations.json and leaderboard.csv (one row added or
+        replaced) to --output-dir when given, and the judges' answers to the annotation cache.
+        """
         from prefgym.errors import DataError
         from prefgym.evaluation.winrate import evaluate
 
@@ -46,18 +57,37 @@ def add_commands(app: typer.Typer) -> None:
 
     @app.command("leaderboard")
     def leaderboard_command(
-        annotations: List[Path] = typer.Argument(..., help="AlpacaEval annotation files (output_1 = reference, output_2 = model)."),
+        annotations: List[Path] = typer.Argument(..., help="AlpacaEval annotation files (output_1 = reference, output_2 = model, instruction, preference)."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the leaderboard here."),
         fmt: Optional[str] = typer.Option(None, "--format", "-f", help="md, csv or html (default: from --output's suffix, else md on screen)."),
         no_lc: bool = typer.Option(False, "--no-lc", help="Skip the length-controlled win-rate."),
+        instruction_difficulty: Optional[Path] = typer.Option(
+            None, "--instruction-difficulty",
+            help="AlpacaEval 2's per-instruction difficulty (.json records: instruction, difficulty): the GLM's instruction term."),
+        baseline_annotations: Optional[List[Path]] = typer.Option(
+            None, "--baseline-annotations",
+            help="Annotations of the baseline against its verbose / concise variants (repeat the option); they "
+                 "regularise the GLM's length weight as in AlpacaEval (weight 0.1 each)."),
+        lc_bootstrap: int = typer.Option(200, "--lc-bootstrap", help="Resamples for lc_ci_low / lc_ci_high (0: none)."),
+        seed: int = typer.Option(0, "--seed"),
     ):
-        """One row per generator: win-rate ± SE, LC win-rate, counts, average length (AlpacaEval's columns)."""
+        """One row per generator: win-rate ± SE, LC win-rate, counts, average length (AlpacaEval's columns).
+
+        Reads annotation files (one generator per generator_2, else per folder; several files of one generator are pooled); writes the table to the screen or to --output (csv, md or html).
+
+        LC win-rate: AlpacaEval 2's GLM (L1 logistic regression, C by 5-fold CV), with --instruction-difficulty for its instruction term and --baseline-annotations for its length regularisation. lc_standard_error is AlpacaEval's (the standard error of the per-instruction GLM predictions); lc_ci_low / lc_ci_high is a 95% bootstrap interval over instructions.
+
+        avg_length is, as in AlpacaEval, the mean length of the rows a generator has (not padded to the eval set); a generator with missing instructions, or instructions repeated across files, is named in a warning.
+        """
         from prefgym.errors import DataError
         from prefgym.evaluation.leaderboard import FORMATS, leaderboard_from_annotations, to_markdown, write_leaderboard
 
         if fmt is not None and fmt not in FORMATS:
             raise DataError(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}")
-        df = leaderboard_from_annotations(annotations, length_controlled=not no_lc)
+        df = leaderboard_from_annotations(annotations, length_controlled=not no_lc,
+                                          instruction_difficulty=instruction_difficulty,
+                                          baseline_annotations=baseline_annotations or (),
+                                          lc_bootstrap=lc_bootstrap, seed=seed)
         if output is not None:
             write_leaderboard(df, output, fmt=fmt)
             typer.echo(f"wrote {output}")
@@ -66,18 +96,24 @@ def add_commands(app: typer.Typer) -> None:
 
     @app.command("compare")
     def compare_command(
-        annotations_a: Path = typer.Argument(..., help="Annotations of model A against the reference."),
-        annotations_b: Path = typer.Argument(..., help="Annotations of model B against the same reference."),
+        annotations_a: Path = typer.Argument(..., help="A: AlpacaEval annotations of model A against the reference."),
+        annotations_b: Path = typer.Argument(..., help="B: annotations of model B against the same reference."),
         n_bootstrap: int = typer.Option(2000, "--n-bootstrap"),
         seed: int = typer.Option(0, "--seed"),
+        as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON instead of one line."),
     ):
-        """Paired comparison of two models on the same instructions (bootstrap, sign test, Wilcoxon)."""
-        from prefgym.evaluation.stats import paired_comparison
+        """Paired comparison of A and B on the instructions both were judged on.
+
+        Reads two annotation files against the same reference (instruction, output_1 = reference, output_2 = model, preference); writes no file. Prints which of A and B is better by how many win-rate points, with a 95% paired-bootstrap interval and p-value, the sign test and the Wilcoxon signed-rank test; --json prints every number.
+        """
+        from prefgym.evaluation.stats import format_comparison, paired_comparison
         from prefgym.evaluation.winrate import load_annotations
 
-        r = paired_comparison(load_annotations(annotations_a), load_annotations(annotations_b),
-                              n_bootstrap=n_bootstrap, seed=seed)
-        typer.echo(json.dumps(r, indent=2))
+        rows_a, rows_b = load_annotations(annotations_a), load_annotations(annotations_b)
+        r = paired_comparison(rows_a, rows_b, n_bootstrap=n_bootstrap, seed=seed, path_a=annotations_a,
+                              path_b=annotations_b)
+        r["a"], r["b"] = _compare_name(rows_a, annotations_a), _compare_name(rows_b, annotations_b)
+        typer.echo(json.dumps(r, indent=2) if as_json else format_comparison(r))
 
     @app.command("elo")
     def elo_command(
@@ -88,7 +124,11 @@ def add_commands(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         anchor: Optional[str] = typer.Option(None, "--anchor", help="MODEL=RATING to pin one Bradley–Terry rating."),
     ):
-        """Bradley–Terry and online Elo ratings with bootstrap intervals from pairwise battles."""
+        """Bradley–Terry and online Elo ratings with bootstrap intervals from pairwise battles.
+
+        Reads BATTLES (model_a, model_b, winner). Prints the ratings; writes the ratings CSV
+        to --output when given, else writes nothing.
+        """
         from prefgym.errors import DataError
         from prefgym.evaluation.ratings import load_battles, ratings_table
         from prefgym.io import write_text_atomic

@@ -7,17 +7,22 @@ published AlpacaEval leaderboard can be read and compared with the same code.
 from __future__ import annotations
 
 import html
+import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import pandas as pd
 
 from prefgym.errors import DataError
-from prefgym.evaluation.winrate import LEADERBOARD_COLUMNS, leaderboard_row, load_annotations
+from prefgym.evaluation.winrate import LEADERBOARD_COLUMNS, key_of, leaderboard_row, load_annotations
 from prefgym.io import write_text_atomic
 
+log = logging.getLogger(__name__)
+
 FORMATS = ("csv", "md", "html")
+LC_COLUMNS = ("length_controlled_winrate", "lc_standard_error", "lc_ci_low", "lc_ci_high")
+COLUMNS = LEADERBOARD_COLUMNS + ["lc_ci_low", "lc_ci_high"]  # AlpacaEval's, then the LC bootstrap interval
 
 
 def _generator_of(annotation: dict, path: Path) -> str:
@@ -27,22 +32,101 @@ def _generator_of(annotation: dict, path: Path) -> str:
     return path.parent.name if path.name.startswith("annotations") and path.parent.name else path.stem
 
 
-def leaderboard_from_annotations(paths: Sequence[str | os.PathLike], *, length_controlled: bool = True,
-                                 mode: str = "community") -> pd.DataFrame:
-    """One row per generator (AlpacaEval's columns, index = generator), sorted by win-rate, best first.
+def load_leaderboard_annotations(path: str | os.PathLike) -> list[dict]:
+    """`load_annotations`, plus each row's instruction: paired statistics and the GLM key on it."""
+    rows = load_annotations(path)
+    for i, r in enumerate(rows):
+        if not isinstance(r.get("instruction"), str):
+            raise DataError("missing or non-text instruction; leaderboards match annotations across files and "
+                            "with instruction difficulties by it", path=path, row=i, field="instruction")
+    return rows
 
-    Annotations of the same generator in several files are pooled.
+
+class _Generator:
+    """A generator's pooled annotations, the file where each (instruction, input) was first seen, and repeats."""
+
+    def __init__(self):
+        self.annotations: list[dict] = []
+        self.first_file: dict[tuple[str, str], Path] = {}
+        self.repeats: dict[tuple[Path, Path], int] = {}
+
+    def add(self, annotation: dict, path: Path) -> None:
+        self.annotations.append(annotation)
+        first = self.first_file.setdefault(key_of(annotation), path)
+        if len(self.first_file) < len(self.annotations):  # the key was already there
+            self.repeats[(first, path)] = self.repeats.get((first, path), 0) + 1
+
+    def instructions(self) -> set[str]:
+        return {instruction for instruction, _ in self.first_file}
+
+
+def _load_checked(path: Path, difficulty: Mapping[str, float] | None) -> list[dict]:
+    rows = load_leaderboard_annotations(path)
+    for i, a in enumerate(rows):
+        if difficulty is not None and a["instruction"] not in difficulty:
+            raise DataError("instruction not in the instruction-difficulty file", path=path, row=i, field="instruction")
+    return rows
+
+
+def _pool_by_generator(paths: Sequence[str | os.PathLike], difficulty: Mapping[str, float] | None) -> dict[str, _Generator]:
+    by_generator: dict[str, _Generator] = {}
+    for path in map(Path, paths):
+        for a in _load_checked(path, difficulty):
+            by_generator.setdefault(_generator_of(a, path), _Generator()).add(a, path)
+    return by_generator
+
+
+def _warn_repeats(name: str, g: _Generator) -> None:
+    for (first, path), n in g.repeats.items():
+        where = f"{path} repeats {n} instructions of its own" if first == path else \
+            f"{path} repeats {n} instructions already annotated in {first}"
+        log.warning("generator %s: %s; the rows are pooled and counted twice (a copy, or a mislabelled "
+                    "generator_2?)", name, where)
+
+
+def _warn_missing(name: str, g: _Generator, eval_set: set[str], source: str) -> None:
+    missing = len(eval_set - g.instructions())
+    if missing:
+        log.warning("generator %s: no annotation for %d of the %d instructions %s; its win-rate and avg_length "
+                    "are over the %d rows present", name, missing, len(eval_set), source, len(g.annotations))
+
+
+def leaderboard_from_annotations(paths: Sequence[str | os.PathLike], *, length_controlled: bool = True,
+                                 mode: str = "community", instruction_difficulty=None,
+                                 baseline_annotations: Sequence[str | os.PathLike] = (),
+                                 lc_bootstrap: int = 200, seed: int = 0) -> pd.DataFrame:
+    """One row per generator (AlpacaEval's columns + lc_ci_low/lc_ci_high, index = generator), best first.
+
+    Annotations of the same generator in several files are pooled; instructions repeated across
+    (or within) files are logged as a warning naming the files. A generator missing instructions
+    that the difficulty file (else any other generator) has is logged as a warning; its
+    `avg_length` is, as AlpacaEval computes it, the mean over the rows it has.
+    instruction_difficulty: a path to AlpacaEval's difficulty file, or a mapping instruction -> difficulty.
+    baseline_annotations: files of the baseline judged against its verbose / concise variants.
     """
+    from prefgym.evaluation.length_control import length_controlled_win_rate, load_instruction_difficulty
+
     if not paths:
         raise DataError("no annotation files given")
-    by_generator: dict[str, list[dict]] = {}
-    for path in paths:
-        path = Path(path)
-        for a in load_annotations(path):
-            by_generator.setdefault(_generator_of(a, path), []).append(a)
-    rows = {name: leaderboard_row(anns, mode=mode, length_controlled=length_controlled)
-            for name, anns in by_generator.items()}
-    return sort_leaderboard(pd.DataFrame.from_dict(rows, orient="index")[LEADERBOARD_COLUMNS])
+    difficulty = instruction_difficulty
+    if difficulty is not None and not isinstance(difficulty, Mapping):
+        difficulty = load_instruction_difficulty(difficulty)
+    by_generator = _pool_by_generator(paths, difficulty)
+    baseline_sets = [_load_checked(Path(p), difficulty) for p in baseline_annotations]
+    eval_set = set(difficulty) if difficulty is not None else set().union(*(g.instructions() for g in by_generator.values()))
+    source = "in the instruction-difficulty file" if difficulty is not None else "annotated for other generators"
+    rows = {}
+    for name, g in by_generator.items():
+        _warn_repeats(name, g)
+        _warn_missing(name, g, eval_set, source)
+        row = leaderboard_row(g.annotations, mode=mode, length_controlled=False)
+        row["lc_ci_low"] = row["lc_ci_high"] = float("nan")
+        if length_controlled:
+            lc = length_controlled_win_rate(g.annotations, instruction_difficulty=difficulty,
+                                            baseline_annotations=baseline_sets, n_bootstrap=lc_bootstrap, seed=seed)
+            row.update({k: lc[k] for k in LC_COLUMNS})
+        rows[name] = row
+    return sort_leaderboard(pd.DataFrame.from_dict(rows, orient="index")[COLUMNS])
 
 
 def sort_leaderboard(df: pd.DataFrame) -> pd.DataFrame:

@@ -25,26 +25,33 @@ def bootstrap_ci(values: Sequence[float], statistic: Callable = np.mean, *, n_bo
             "upper": float(np.quantile(boot, 1 - alpha)), "standard_error": float(boot.std(ddof=1))}
 
 
-def scores_by_instruction(annotations: Sequence[dict]) -> dict[tuple[str, str], float]:
-    """Per-example model score p = preference - 1 in [0, 1] (1 = model beat the reference), by (instruction, input)."""
+def scores_by_instruction(annotations: Sequence[dict], *, path=None) -> dict[tuple[str, str], float]:
+    """Per-example model score p = preference - 1 in [0, 1] (1 = model beat the reference), by (instruction, input).
+
+    A row without an instruction is an error (the pairing keys on it); rows without a preference are skipped.
+    """
     out = {}
     for i, a in enumerate(annotations):
-        p = parse_preference(a.get("preference"), row=i)
-        if p is not None and "instruction" in a:
+        if not isinstance(a.get("instruction"), str):
+            raise DataError("missing or non-text instruction; a paired comparison matches the two files by it",
+                            path=path, row=i, field="instruction")
+        p = parse_preference(a.get("preference"), path=path, row=i)
+        if p is not None:
             out[key_of(a)] = p - 1.0
     return out
 
 
 def paired_comparison(annotations_a: Sequence[dict], annotations_b: Sequence[dict], *, n_bootstrap: int = 2000,
-                      level: float = 0.95, seed: int = 0) -> dict:
+                      level: float = 0.95, seed: int = 0, path_a=None, path_b=None) -> dict:
     """Compare two models judged against the same reference on the same instructions.
 
     The per-instruction difference d = score_a - score_b (scores in [0, 1], draws 0.5) is tested with:
     a paired bootstrap (interval of the win-rate difference in points, and a two-sided p-value from
     the bootstrap distribution), the sign test (exact binomial on instructions where d != 0) and the
-    Wilcoxon signed-rank test.
+    Wilcoxon signed-rank test. `path_a` / `path_b` name the files in error messages.
     """
-    a, b = scores_by_instruction(annotations_a), scores_by_instruction(annotations_b)
+    a = scores_by_instruction(annotations_a, path=path_a)
+    b = scores_by_instruction(annotations_b, path=path_b)
     common = [k for k in a if k in b]
     if len(common) < 2:
         raise DataError(f"the two annotation sets share {len(common)} instructions; a paired test needs "
@@ -65,12 +72,39 @@ def paired_comparison(annotations_a: Sequence[dict], annotations_b: Sequence[dic
         "difference": float(d.mean()),
         "lower": float(np.quantile(boot, alpha)),
         "upper": float(np.quantile(boot, 1 - alpha)),
+        "level": level,
+        "n_bootstrap": n_bootstrap,
         "p_bootstrap": p_boot,
         "n_a_better": n_pos,
         "n_b_better": n_neg,
         "p_sign_test": p_sign,
         "p_wilcoxon": p_wilcoxon,
     }
+
+
+def _p_text(p: float, n_bootstrap: int | None = None) -> str:
+    if p == 0 and n_bootstrap:
+        return f"p < {1 / n_bootstrap:.2g}"
+    return f"p = {p:.3g}"
+
+
+def format_comparison(r: dict) -> str:
+    """One readable paragraph of `paired_comparison`'s result; `a` / `b` in r name the two models."""
+    a, b = r.get("a", "A"), r.get("b", "B")
+    diff, low, high = r["difference"], r["lower"], r["upper"]
+    if diff > 0:
+        verdict = f"A better by {diff:.2f} points [{low:.2f}, {high:.2f}]"
+    elif diff < 0:
+        verdict = f"B better by {-diff:.2f} points [{0.0 - high:.2f}, {0.0 - low:.2f}]"
+    else:
+        verdict = f"no difference (0.00 points [{low:.2f}, {high:.2f}])"
+    level = int(round(100 * r.get("level", 0.95)))
+    return (f"A = {a}\nB = {b}\n"
+            f"A vs B on {r['n']} shared instructions: {verdict} ({level}% paired bootstrap), "
+            f"{_p_text(r['p_bootstrap'], r.get('n_bootstrap'))}\n"
+            f"win-rate against the reference: A {r['win_rate_a']:.2f}, B {r['win_rate_b']:.2f}\n"
+            f"A better on {r['n_a_better']} instructions, B on {r['n_b_better']} "
+            f"(sign test {_p_text(r['p_sign_test'])}; Wilcoxon signed-rank {_p_text(r['p_wilcoxon'])})")
 
 
 def rank_correlation(x: Sequence[float] | Mapping[str, float], y: Sequence[float] | Mapping[str, float]) -> dict:
