@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from prefgym.cli import main
@@ -181,3 +182,52 @@ def test_missing_model_folder_is_a_config_error(tmp_path, capsys):
     data.write_text(json.dumps([{"instruction": "Hi."}]), encoding="utf-8")
     assert main(["generate", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "o.json")]) == 2
     assert "model folder not found" in capsys.readouterr().err
+
+
+def _greedy_finished_by_hand(model, tokenizer, max_new_tokens: int) -> list[bool]:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            finished = False
+            for _ in range(max_new_tokens):
+                next_id = model(ids).logits[0, -1].argmax().item()
+                if next_id == tokenizer.eos_token_id:
+                    finished = True
+                    break
+                ids = torch.cat([ids, torch.tensor([[next_id]])], 1)
+            out.append(finished)
+    return out
+
+
+def test_eos_flags_say_which_responses_were_cut_off(tiny):
+    """Independent reference: greedy decoding by hand; a response is finished iff it reached EOS
+    within max_new_tokens. The tiny random models rarely emit EOS, so its logit is raised (along
+    the prompts' mean last hidden state) until some responses finish and others do not."""
+    import torch
+
+    from prefgym.models.generation import generate_with_eos
+
+    _, model, tokenizer = tiny
+    eos = tokenizer.eos_token_id
+    head = model.get_output_embeddings()
+    saved = head.weight[eos].clone()
+    with torch.no_grad():
+        hidden = torch.stack([model(**tokenizer(p, return_tensors="pt"), output_hidden_states=True)
+                              .hidden_states[-1][0, -1] for p in PROMPTS]).mean(0)
+    try:
+        for alpha in np.linspace(0.0, 40.0, 81):
+            with torch.no_grad():
+                head.weight[eos] = saved + alpha * hidden / hidden.norm() ** 2
+            expected = _greedy_finished_by_hand(model, tokenizer, 6)
+            if len(set(expected)) == 2:
+                break
+        assert len(set(expected)) == 2, "the test needs finished and cut-off responses"
+        texts, flags = generate_with_eos(model, tokenizer, PROMPTS, SamplingConfig(temperature=0, max_new_tokens=6,
+                                                                                   num_samples=2))
+    finally:
+        with torch.no_grad():
+            head.weight[eos] = saved
+    assert flags == [[f, f] for f in expected]

@@ -85,7 +85,8 @@ def test_quark_pool_grows_and_model_saves_with_its_token(models, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     write_jsonl(tmp_path / "prompts.jsonl", RECORDS)
-    out = quark.train(_cfg(models, tmp_path / "q", tmp_path / "prompts.jsonl"))
+    # rewards from the reward model alone (the random policy rarely emits EOS in 5 tokens)
+    out = quark.train(_cfg(models, tmp_path / "q", tmp_path / "prompts.jsonl", missing_eos_penalty=None))
     pool = read_records(out / quark.POOL_FILE)
     assert [p["iteration"] for p in pool] == [0] * 4 + [1] * 4
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -213,3 +214,81 @@ def test_quark_best_quantile_variant_trains_on_the_top_quantile_without_tokens(m
     from prefgym.methods.reward_conditioning import read_conditioning
 
     assert read_conditioning(out) == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# One rule for responses cut off at max_new_tokens (best-of-n, expert iteration, Quark, PPO)
+
+
+def test_best_of_n_scores_cut_off_samples_with_the_missing_eos_penalty(models):
+    from prefgym.methods import best_of_n
+    from prefgym.models.generation import SamplingConfig
+
+    model, tokenizer = load_model_and_tokenizer(models[0])
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=1, seed=3)
+    rows = best_of_n.best_of_n(model, tokenizer, RECORDS, lambda c: np.full(len(c), 5.0), 4, sampling,
+                               missing_eos_penalty=-7.0)
+    flags = [t for r in rows for t in r["truncated"]]
+    assert any(flags), "one sampled token from a random model rarely is EOS"
+    for r in rows:
+        assert r["rewards"] == [-7.0 if t else 5.0 for t in r["truncated"]]
+        for out, t in zip(r["outputs"], r["truncated"]):
+            assert t or out == ""  # finished within one token: that token was EOS
+        assert r["truncated"][r["best_index"]] == all(r["truncated"])  # a finished sample wins if there is one
+    kept = best_of_n.best_of_n(model, tokenizer, RECORDS, lambda c: np.full(len(c), 5.0), 4, sampling,
+                               missing_eos_penalty=None)
+    assert all(r["rewards"] == [5.0] * 4 for r in kept)
+
+
+def test_quark_scores_cut_off_rollouts_with_the_missing_eos_penalty(models, tmp_path):
+    from prefgym.methods.reward_model import score
+
+    write_jsonl(tmp_path / "prompts.jsonl", RECORDS)
+    out = quark.train(_cfg(models, tmp_path / "q", tmp_path / "prompts.jsonl", iterations=1, steps_per_iteration=1,
+                           missing_eos_penalty=-9.0))
+    pool = read_records(out / quark.POOL_FILE)
+    assert any(p["truncated"] for p in pool)
+    expected = np.where([p["truncated"] for p in pool], -9.0, score(models[1], pool))
+    np.testing.assert_allclose([p["reward"] for p in pool], expected, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert iteration: the main process samples, the others wait, a failure stops them all
+
+
+def test_work_on_the_main_process_runs_once_and_its_failure_is_raised():
+    from prefgym.methods.expert_iteration import run_on_main_process
+    from prefgym.methods.sft import _accelerator
+
+    calls = []
+    run_on_main_process(_accelerator("no"), "sampling", lambda: calls.append(1))
+    assert calls == [1]
+    with pytest.raises(ValueError, match="boom"):
+        run_on_main_process(_accelerator("no"), "sampling", lambda: (_ for _ in ()).throw(ValueError("boom")))
+
+
+EI_FAIL_SCRIPT = textwrap.dedent("""
+    import sys
+    from prefgym.methods import expert_iteration as ei
+    from prefgym.methods.sft import _accelerator
+
+    def work():
+        raise RuntimeError("no reward model here")
+
+    ei.run_on_main_process(_accelerator("no"), "best-of-n sampling", work)
+    print("carried on")
+""")
+
+
+@pytest.mark.slow
+def test_expert_iteration_workers_stop_when_the_main_process_fails(tmp_path):
+    """Under 2 processes, the main process fails while sampling: both exit with an error (no hang)."""
+    from helpers import launch_two_cpu_processes, run_process
+
+    script = tmp_path / "ei_fail.py"
+    script.write_text(EI_FAIL_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    done = run_process(launch_two_cpu_processes(script), env=env, timeout=120)
+    assert done.returncode != 0 and "carried on" not in done.stdout
+    assert "no reward model here" in done.stderr
+    assert "the main process failed during best-of-n sampling" in done.stderr

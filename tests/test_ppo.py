@@ -130,6 +130,8 @@ def test_ppo_end_to_end_first_step_ratio_is_one_and_weights_move(toy_rm):
                 "value_error", "approx_kl", "kl_coef"):
         assert all(math.isfinite(r[key]) for r in m), key
     assert m[2]["kl_coef"] < m[0]["kl_coef"]  # adaptive: KL far below target shrinks the coefficient
+    for r in m:  # the KL term in the rewards is the step's coefficient times the step's KL
+        assert r["non_score_reward"] == pytest.approx(-r["kl_coef"] * r["kl"], abs=1e-6)
     before, after = load_file(sft / "model.safetensors"), load_file(out / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert (out / "samples.jsonl").exists() and not (out / "checkpoint").exists()

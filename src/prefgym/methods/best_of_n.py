@@ -46,6 +46,9 @@ class BestOfNConfig:
     """Nucleus sampling threshold."""
     max_new_tokens: int = 300
     """Most tokens per sample."""
+    missing_eos_penalty: Optional[float] = -1.0
+    """Reward given to a sample that never emits EOS within max_new_tokens (None: the reward model's
+    score); the rule PPO, expert iteration and Quark share."""
     generation_batch_size: int = 8
     """Prompts per `generate` call (each yields n sequences)."""
     scoring_batch_size: int = 32
@@ -67,25 +70,31 @@ class BestOfNConfig:
 
 
 def best_of_n(model, tokenizer, records: list[dict], reward_fn: Callable[[list[dict]], np.ndarray],
-              n: int, sampling=None, generator: str = "best_of_n") -> list[dict]:
+              n: int, sampling=None, generator: str = "best_of_n",
+              missing_eos_penalty: Optional[float] = -1.0) -> list[dict]:
     """The best of `n` samples per record under `reward_fn` (records -> rewards array).
 
-    `sampling` is a `SamplingConfig` (its num_samples is set to `n`). Returns one
-    AlpacaEval-format record per input record: `output` (the best sample), `reward` (its reward),
-    `outputs` (all n samples), `rewards` (theirs) and `best_index`.
+    `sampling` is a `SamplingConfig` (its num_samples is set to `n`). A sample cut off at
+    max_new_tokens (no EOS) is rewarded `missing_eos_penalty` (`common.missing_eos_scores`).
+    Returns one AlpacaEval-format record per input record: `output` (the best sample), `reward`
+    (its reward), `outputs` (all n samples), `rewards` (theirs), `truncated` (which had no EOS)
+    and `best_index`.
     """
     from prefgym.data.prompts import format_record
-    from prefgym.models.generation import SamplingConfig, generate
+    from prefgym.methods.common import missing_eos_scores
+    from prefgym.models.generation import SamplingConfig, generate_with_eos
 
     sampling = dataclasses.replace(sampling or SamplingConfig(), num_samples=n)
-    samples = generate(model, tokenizer, [format_record(r) for r in records], sampling)  # len(records) x n
+    samples, finished = generate_with_eos(model, tokenizer, [format_record(r) for r in records], sampling)
     candidates = [{"instruction": r["instruction"], "input": r.get("input") or "", "output": s}
                   for r, group in zip(records, samples) for s in group]
     rewards = np.asarray(reward_fn(candidates), dtype=float).reshape(len(records), n)
+    rewards = missing_eos_scores(rewards, finished, missing_eos_penalty)
     best = rewards.argmax(axis=1)  # first maximum on ties
     return [{**r, "input": r.get("input") or "", "output": group[b], "generator": generator,
-             "reward": float(rew[b]), "outputs": list(group), "rewards": rew.tolist(), "best_index": int(b)}
-            for r, group, rew, b in zip(records, samples, rewards, best)]
+             "reward": float(rew[b]), "outputs": list(group), "rewards": rew.tolist(),
+             "truncated": [not f for f in ended], "best_index": int(b)}
+            for r, group, rew, ended, b in zip(records, samples, rewards, finished, best)]
 
 
 def run(cfg: BestOfNConfig) -> Path:
@@ -134,7 +143,7 @@ def run(cfg: BestOfNConfig) -> Path:
             seed = cfg.seed if start == 0 else stable_hash(cfg.seed, "best-of-n-chunk", start)
             sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                                       batch_size=cfg.generation_batch_size, seed=seed)
-            rows = best_of_n(model, tokenizer, chunk, scorer.score, cfg.n, sampling, generator)
+            rows = best_of_n(model, tokenizer, chunk, scorer.score, cfg.n, sampling, generator, cfg.missing_eos_penalty)
             for row in rows:
                 append_jsonl(partial, row)
             append_jsonl(metrics_file, {"examples_done": start + len(chunk),
@@ -145,7 +154,7 @@ def run(cfg: BestOfNConfig) -> Path:
 
     rows = read_records(partial)
     if not cfg.keep_samples:
-        rows = [{k: v for k, v in r.items() if k not in ("outputs", "rewards")} for r in rows]
+        rows = [{k: v for k, v in r.items() if k not in ("outputs", "rewards", "truncated")} for r in rows]
     write_json(out, rows)
     partial.unlink(missing_ok=True)
     return out
@@ -162,7 +171,10 @@ def _progress(enabled: bool, total: int, completed: int):
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        with Progress(TextColumn("best-of-n"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as p:
+        from prefgym.progress import stderr_console
+
+        with Progress(TextColumn("best-of-n"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=stderr_console()) as p:
             task = p.add_task("best-of-n", total=total, completed=completed)
             yield lambda k: p.update(task, advance=k)
 

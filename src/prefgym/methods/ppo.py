@@ -82,7 +82,15 @@ class PPOConfig:
     whiten_rewards: bool = True
     """Whiten per-token rewards over the batch (scale only) before GAE."""
     missing_eos_penalty: float | None = -1.0
-    """Score given to responses that never emit EOS (None: keep the reward model's score)."""
+    """Score given to responses that never emit EOS (None: keep the reward model's score); the rule
+    every sampling method shares (`common.missing_eos_scores`)."""
+    value_init: str = "normalized_reward"
+    """How the value model starts: `normalized_reward` (the reward model with its head rescaled to
+    the normalised rewards PPO optimises, as OpenRLHF's critic), `reward` (the reward model's raw
+    head, AlpacaFarm's and TRL's choice) or `zero` (the reward model's trunk, a zero head)."""
+    disable_dropout: bool = True
+    """Turn dropout off in policy, reference, value and reward models (TRL's default), so that the
+    log-probs of the updates are those of the rollouts."""
     seed: int = 0
     """Seed of prompt order, sampling and minibatches."""
     save_steps: int = 20
@@ -137,6 +145,39 @@ def per_token_rewards(score: torch.Tensor, logps: torch.Tensor, ref_logps: torch
     last = common.last_token_index(mask)
     rewards[torch.arange(len(score), device=score.device), last] += score
     return rewards, kl
+
+
+def response_logps_and_values(model, ids: torch.Tensor, mask: torch.Tensor, P: int, temperature: float
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probs and values of the response tokens `ids[:, P:]` of [left-padded prompt | response] rows.
+
+    Response token j sits at position P + j. Its log-prob log π(token | tokens before it) comes
+    from the logits at position P + j - 1, and its value V(s_j) is the value of the state before
+    it, read at the same position. Returns (logps (B, R), values (B, R), logits (B, R + 1, V)).
+    """
+    R = ids.shape[1] - P
+    logits, values = model(ids, mask, logits_to_keep=R + 1)  # logits of positions P-1 .. P+R-1
+    logps = common.token_logprobs(logits, ids[:, P - 1:], temperature)[:, 1:]
+    return logps, values[:, P - 1:-1], logits
+
+
+def advantages_and_returns(score: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor,
+                           values: torch.Tensor, mask: torch.Tensor, kl_coef: float, gamma: float, lam: float,
+                           whiten_rewards: bool, reduce=None) -> dict[str, torch.Tensor]:
+    """From a scored rollout to what the updates need, as in Ziegler et al. / AlpacaFarm / TRL.
+
+    Per-token rewards (KL penalty on each token, `score` on the last), optionally whitened in
+    scale only (their mean is kept), GAE, then advantages whitened to mean 0 and std 1 over the
+    response tokens. `reduce` sums statistics across processes. Returns rewards (before
+    whitening), kl, non_score_reward (B,), advantages and returns.
+    """
+    rewards, kl = per_token_rewards(score, logps, ref_logps, mask, kl_coef)
+    non_score_reward = common.masked_sum(rewards, mask, dim=-1) - score  # what the KL term added
+    shaped = common.masked_whiten(rewards, mask, shift_mean=False, reduce=reduce) if whiten_rewards else rewards
+    advantages, returns = gae(shaped, values, mask, gamma, lam)
+    advantages = common.masked_whiten(advantages, mask, reduce=reduce)
+    return {"rewards": rewards, "kl": kl, "non_score_reward": non_score_reward, "advantages": advantages,
+            "returns": returns}
 
 
 def ppo_losses(new_logps, old_logps, advantages, vpred, old_values, returns, mask, cliprange: float,
@@ -196,6 +237,36 @@ class PolicyAndValue(torch.nn.Module):
         return logits, common.token_scores(self.value_model, input_ids, attention_mask)
 
 
+VALUE_INITS = ("normalized_reward", "reward", "zero")
+
+
+@torch.no_grad()
+def init_value_head(value_model, how: str, normalization: dict) -> None:
+    """Start the value model's score head on the scale of the rewards PPO optimises (`PPOConfig.value_init`).
+
+    `normalized_reward`: the head becomes (w·h + b - mean) / std, the reward model's normalised
+    score, with a bias added when the head has none (OpenRLHF's critic normalises its values
+    with the reward model's mean and std in the same way). `reward`: the head as trained.
+    `zero`: a zero head, so every value starts at 0.
+    """
+    if how not in VALUE_INITS:
+        raise ConfigError(f"ppo: value_init must be one of {', '.join(VALUE_INITS)}, got {how!r}")
+    head = value_model.score
+    if how == "reward":
+        return
+    new = torch.nn.Linear(head.in_features, head.out_features, bias=True, dtype=head.weight.dtype,
+                          device=head.weight.device)
+    bias = head.bias if head.bias is not None else torch.zeros_like(new.bias)
+    if how == "zero":
+        new.weight.zero_()
+        new.bias.zero_()
+    else:
+        mean, std = float(normalization["mean"]), float(normalization["std"])
+        new.weight.copy_(head.weight / std)
+        new.bias.copy_((bias - mean) / std)
+    value_model.score = new
+
+
 def _load_models(cfg: PPOConfig):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -209,6 +280,7 @@ def _load_models(cfg: PPOConfig):
                           "different tokenizers; train the reward model from the same SFT model")
     value_model = AutoModelForSequenceClassification.from_pretrained(cfg.reward_model, dtype=torch.float32)
     value_model.config.pad_token_id = tokenizer.pad_token_id
+    init_value_head(value_model, cfg.value_init, scorer.normalization)
     reference = None
     if not cfg.use_lora:  # with LoRA, the reference is the policy with its adapters disabled
         reference = AutoModelForCausalLM.from_pretrained(cfg.policy_model, dtype=torch.float32)
@@ -217,7 +289,7 @@ def _load_models(cfg: PPOConfig):
     policy = common.apply_lora(policy, cfg, "CAUSAL_LM")
     value_model = common.apply_lora(value_model, cfg, "SEQ_CLS")
     for m in (policy, value_model, reference, scorer.model):
-        if m is not None:
+        if m is not None and cfg.disable_dropout:
             common.disable_dropout(m)
     return tokenizer, PolicyAndValue(policy, value_model), reference, scorer
 
@@ -243,6 +315,8 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
             raise ConfigError(f"ppo: '{key}' is required")
     if prompts is None and not cfg.prompt_file:
         raise ConfigError("ppo: 'prompt_file' is required (the unlabeled split)")
+    if cfg.value_init not in VALUE_INITS:
+        raise ConfigError(f"ppo: value_init must be one of {', '.join(VALUE_INITS)}, got {cfg.value_init!r}")
     if cfg.per_device_rollout_batch_size % cfg.num_mini_batches:
         raise ConfigError("ppo: per_device_rollout_batch_size must be divisible by num_mini_batches")
     out = Path(cfg.output_dir)
@@ -309,12 +383,8 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
             mask = torch.cat([query_mask, response_mask], 1)
 
             # 4. Log-probs (at T) of policy and reference, values, and the reward model's score.
-            R = response_ids.shape[1]
             with torch.no_grad():
-                # logits of positions P-1 .. P+R-1 only: the ones that predict response tokens
-                logits, values = model(ids, mask, logits_to_keep=R + 1)
-                logps = common.token_logprobs(logits, ids[:, P - 1:], cfg.temperature)[:, 1:]
-                values = values[:, P - 1:-1]  # value of the state before each response token
+                logps, values, logits = response_logps_and_values(model, ids, mask, P, cfg.temperature)
                 ref_logps = _reference_logps(reference, unwrapped.policy, ids, mask, F.pad(response_mask, (P, 0)),
                                              cfg.temperature)[:, P:]
                 raw_score = scorer.score_tokens(ids, mask)
@@ -322,21 +392,14 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
                 del logits
 
                 # 5. Responses that never emit EOS get a fixed, low score.
-                score = raw_score
-                if cfg.missing_eos_penalty is not None:
-                    score = torch.where(has_eos, raw_score, torch.full_like(raw_score, cfg.missing_eos_penalty))
+                score = common.missing_eos_scores(raw_score, has_eos, cfg.missing_eos_penalty)
 
-                # 6. Per-token rewards: KL penalty on every token, score on the last one.
-                rewards, kl = per_token_rewards(score, logps, ref_logps, response_mask, kl_coef)
-                non_score_reward = (-kl_coef * kl).sum(-1)
-
-                # 7. Whiten rewards (scale only), with statistics of the global batch.
-                if cfg.whiten_rewards:
-                    rewards = common.masked_whiten(rewards, response_mask, shift_mean=False, reduce=reduce_sum)
-
-                # 8. GAE, then whiten advantages.
-                advantages, returns = gae(rewards, values, response_mask, cfg.gamma, cfg.lam)
-                advantages = common.masked_whiten(advantages, response_mask, reduce=reduce_sum)
+                # 6-8. Per-token rewards (KL penalty on every token, score on the last one), rewards
+                # whitened in scale, GAE, advantages whitened; statistics of the global batch.
+                rollout = advantages_and_returns(score, logps, ref_logps, values, response_mask, kl_coef, cfg.gamma,
+                                                 cfg.lam, cfg.whiten_rewards, reduce=reduce_sum)
+                kl, non_score_reward = rollout["kl"], rollout["non_score_reward"]
+                advantages, returns = rollout["advantages"], rollout["returns"]
 
             # 9. PPO epochs over minibatches.
             mb = B // cfg.num_mini_batches
@@ -346,9 +409,7 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
                 for m in range(cfg.num_mini_batches):
                     i = order[m * mb:(m + 1) * mb].to(device)
                     global_tokens = reduce_sum(response_mask[i].sum().float())
-                    new_logits, vpred = model(ids[i], mask[i], logits_to_keep=R + 1)
-                    new_logps = common.token_logprobs(new_logits, ids[i, P - 1:], cfg.temperature)[:, 1:]
-                    vpred = vpred[:, P - 1:-1]
+                    new_logps, vpred, _ = response_logps_and_values(model, ids[i], mask[i], P, cfg.temperature)
                     losses = ppo_losses(new_logps, logps[i], advantages[i], vpred, values[i], returns[i],
                                         response_mask[i], cfg.cliprange, cfg.cliprange_value,
                                         token_count=global_tokens / n_proc)
@@ -417,7 +478,13 @@ def add_commands(app: typer.Typer) -> None:
         set_: list[str] = typer.Option([], "--set", help="Config override key=value (repeatable)."),
         resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue from a checkpoint (default: yes)."),
     ):
-        """Optimise the policy against the reward model with PPO (KL-penalised)."""
+        """Optimise the policy against the reward model with PPO (KL-penalised).
+
+        Reads: --policy (SFT model folder: start and KL reference), --reward-model, --prompts.
+        Writes to --out: the policy (save_pretrained), metrics.jsonl (score, kl, losses per step),
+        samples.jsonl, train_config.json, snapshots/step-N (every snapshot_steps) and
+        checkpoint/ while training (rerun the same command to resume).
+        """
         overrides = {**common.parse_overrides(set_), "policy_model": policy, "reward_model": reward_model,
                      "prompt_file": prompts, "output_dir": output_dir, "steps": steps, "kl_coef": kl_coef,
                      "resume": resume}

@@ -90,6 +90,8 @@ class QuarkConfig:
     """Rollout nucleus sampling threshold."""
     max_new_tokens: int = 300
     """Most tokens per rollout response."""
+    missing_eos_penalty: Optional[float] = -1.0
+    """Reward of a rollout with no EOS within max_new_tokens (None: the reward model's score), as in PPO."""
     generation_batch_size: int = 16
     """Prompts per `generate` call during rollouts."""
     max_length: int = 512
@@ -110,6 +112,9 @@ class QuarkConfig:
     """LoRA scaling numerator."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA inputs."""
+    disable_dropout: bool = True
+    """Turn dropout off in the policy and the reference (TRL's default): the KL term compares the
+    two models as they sample."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -191,7 +196,7 @@ def train(cfg: QuarkConfig) -> Path:
     from prefgym.methods.reward_conditioning import add_control_tokens, with_control_token, write_conditioning
     from prefgym.methods.reward_model import RewardScorer
     from prefgym.models import load_model_and_tokenizer
-    from prefgym.models.generation import SamplingConfig, generate
+    from prefgym.models.generation import SamplingConfig, generate_with_eos
     from prefgym.seeding import rng_for, seed_everything, stable_hash
 
     for key in ("policy_model", "reward_model", "prompts_file"):
@@ -226,6 +231,9 @@ def train(cfg: QuarkConfig) -> Path:
     reference, _ = load_model_and_tokenizer(cfg.policy_model, device=accelerator.device)
     reference.requires_grad_(False)
     reference.eval()
+    if cfg.disable_dropout:
+        common.disable_dropout(policy)
+        common.disable_dropout(reference)
     scorer = RewardScorer(cfg.reward_model, device=accelerator.device)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
@@ -257,12 +265,13 @@ def train(cfg: QuarkConfig) -> Path:
             batch = [{"instruction": prompts[i]["instruction"], "input": prompts[i].get("input") or ""} for i in ids]
             # The untrained token means nothing on the first rollout.
             token = tokens[0] if it > 0 and not cfg.train_on_best_quantile else ""
-            texts = generate(accelerator.unwrap_model(policy), tokenizer,
-                             [format_record(r) for r in with_control_token(batch, token)],
-                             dataclasses.replace(sampling, seed=stable_hash(cfg.seed, "quark-rollout", it, rank)))
+            texts, finished = generate_with_eos(
+                accelerator.unwrap_model(policy), tokenizer, [format_record(r) for r in with_control_token(batch, token)],
+                dataclasses.replace(sampling, seed=stable_hash(cfg.seed, "quark-rollout", it, rank)))
             samples = [{**r, "output": t[0]} for r, t in zip(batch, texts)]
-            rewards = scorer.score(samples)
-            mine = [{**s, "reward": float(x), "iteration": it} for s, x in zip(samples, rewards)]
+            rewards = common.missing_eos_scores(scorer.score(samples), [f[0] for f in finished], cfg.missing_eos_penalty)
+            mine = [{**s, "reward": float(x), "truncated": not f[0], "iteration": it}
+                    for s, x, f in zip(samples, rewards, finished)]
 
             # 2. One pool for all processes: gather every process's samples (in rank order).
             new = gather_object(mine)

@@ -1,14 +1,25 @@
-"""Batched sampling from a causal LM (HF `generate`: KV cache, left padding) and AlpacaEval outputs."""
+"""Batched sampling from a causal LM (HF `generate`: KV cache, left padding) and AlpacaEval outputs.
+
+Decoding is stated in full by `SamplingConfig`: the model folder's `generation_config.json`
+(repetition_penalty, no_repeat_ngram_size, top_k, bad_words_ids, ...) is ignored, and what it
+would have changed is logged once per model.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from prefgym.data.prompts import format_record
+from prefgym.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -19,6 +30,10 @@ class SamplingConfig:
     """Softmax temperature; 0 means greedy decoding."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens with this total probability."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: off)."""
+    repetition_penalty: float = 1.0
+    """CTRL's repetition penalty on tokens already in the prompt or response (1.0: off)."""
     max_new_tokens: int = 300
     """Most tokens generated per response (a response stops earlier at EOS)."""
     num_samples: int = 1
@@ -29,51 +44,132 @@ class SamplingConfig:
     """Seed of the sampling random state."""
 
 
+@contextmanager
+def folder_generation_defaults_ignored(model):
+    """Within the block, `generate` sees a blank generation config instead of the model folder's.
+
+    transformers fills every field a call leaves unset from the folder's `generation_config.json`
+    (repetition_penalty, no_repeat_ngram_size, top_k, bad_words_ids, suppress_tokens, ...), which
+    changes the distribution sampled from. prefgym states every decoding setting itself, so the
+    folder's are set aside here (and restored after); yields the folder's config.
+    """
+    from transformers import GenerationConfig
+
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft copies its config
+    saved = target.generation_config
+    target.generation_config = GenerationConfig()
+    try:
+        yield saved
+    finally:
+        target.generation_config = saved
+
+
+# Folder settings that do not change the next-token distribution, or are neutral.
+_NOT_SAMPLING = {"max_length", "max_new_tokens", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id",
+                 "decoder_start_token_id", "transformers_version", "cache_implementation", "cache_config",
+                 "return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
+                 "output_hidden_states", "_from_model_config", "compile_config"}
+_NEUTRAL = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "top_p": 1.0, "typical_p": 1.0,
+            "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0,
+            "num_beams": 1, "num_return_sequences": 1, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+            "guidance_scale": 1.0, "length_penalty": 1.0, "renormalize_logits": False, "remove_invalid_values": False,
+            "do_sample": False}
+
+
+def ignored_folder_settings(folder_config) -> dict[str, Any]:
+    """The settings of a model folder's generation config that prefgym's decoding sets aside."""
+    if folder_config is None:
+        return {}
+    return {k: v for k, v in folder_config.to_dict().items()
+            if v is not None and k not in _NOT_SAMPLING and _NEUTRAL.get(k, object()) != v}
+
+
+def generation_config(cfg: SamplingConfig, tokenizer):
+    """The complete transformers GenerationConfig of `cfg` (to be used with the folder's ignored)."""
+    from transformers import GenerationConfig
+
+    checks = {"temperature": cfg.temperature >= 0, "top_p": 0 < cfg.top_p <= 1, "top_k": cfg.top_k >= 0,
+              "repetition_penalty": cfg.repetition_penalty > 0, "max_new_tokens": cfg.max_new_tokens >= 1}
+    for key, ok in checks.items():
+        if not ok:
+            raise ConfigError(f"sampling: {key}={getattr(cfg, key)!r} is out of range")
+    common = dict(max_new_tokens=cfg.max_new_tokens, num_beams=1, repetition_penalty=cfg.repetition_penalty,
+                  use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if cfg.temperature == 0:
+        return GenerationConfig(do_sample=False, **common)
+    return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                            num_return_sequences=cfg.num_samples, **common)
+
+
+_warned: set[int] = set()
+
+
+def _log_ignored(model, folder_config) -> None:
+    ignored = ignored_folder_settings(folder_config)
+    if ignored and id(model) not in _warned:
+        _warned.add(id(model))
+        name = getattr(getattr(model, "config", None), "_name_or_path", "") or "the model"
+        log.warning("generation: ignoring %s's generation_config.json settings %s; decoding uses only "
+                    "prefgym's sampling settings (temperature, top_p, top_k, repetition_penalty, max_new_tokens)",
+                    name, ", ".join(f"{k}={v!r}" for k, v in sorted(ignored.items())))
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig,
              progress: bool = False, first_index: int = 0) -> list[list[str]]:
     """`cfg.num_samples` responses for each prompt (text after the prompt, up to EOS).
 
+    As `generate_with_eos`, without the flags.
+    """
+    return generate_with_eos(model, tokenizer, prompts, cfg, progress, first_index)[0]
+
+
+@torch.no_grad()
+def generate_with_eos(model, tokenizer, prompts: list[str], cfg: SamplingConfig, progress: bool = False,
+                      first_index: int = 0) -> tuple[list[list[str]], list[list[bool]]]:
+    """`cfg.num_samples` responses for each prompt, and whether each ended with EOS (False: cut off
+    at max_new_tokens; `common.missing_eos_scores` scores those).
+
     Prompts are batched `cfg.batch_size` at a time with left padding, so that every prompt ends
-    where generation starts. Greedy when `cfg.temperature == 0` (then all samples are equal).
+    where generation starts. Decoding follows `cfg` alone (the folder's generation config is
+    ignored). Greedy when `cfg.temperature == 0` (then all samples are equal).
     Each batch is seeded by `cfg.seed` and its position; `first_index` is the position of
     `prompts[0]` in a longer list that is generated piece by piece.
     """
     from prefgym.seeding import stable_hash
 
     greedy = cfg.temperature == 0
-    if greedy:
-        sampling = dict(do_sample=False)
-    else:  # top_k=0: nucleus sampling alone, not transformers' default top-50 on top of it
-        sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                        num_return_sequences=cfg.num_samples)
+    gen_cfg = generation_config(cfg, tokenizer)
     padding_side, was_training = tokenizer.padding_side, model.training
     tokenizer.padding_side = "left"
     model.eval()
     # Sampling seeds the torch RNG; fork it so that the caller's random state is left as it was.
     cuda_devices = [model.device.index or 0] if model.device.type == "cuda" else []
     outputs: list[list[str]] = []
+    finished: list[list[bool]] = []
     try:
-        with torch.random.fork_rng(devices=cuda_devices):
+        with torch.random.fork_rng(devices=cuda_devices), folder_generation_defaults_ignored(model) as folder:
+            _log_ignored(model, folder)
             for start in _progress(range(0, len(prompts), cfg.batch_size), progress, "generating"):
                 batch = tokenizer(prompts[start:start + cfg.batch_size], return_tensors="pt",
                                   padding=True).to(model.device)
                 # Seeded by (seed, first prompt's position): results do not depend on what ran before.
                 torch.manual_seed(stable_hash(cfg.seed, first_index + start) % 2**63)
-                sequences = model.generate(**batch, max_new_tokens=cfg.max_new_tokens, use_cache=True,
-                                           pad_token_id=tokenizer.pad_token_id,
-                                           eos_token_id=tokenizer.eos_token_id, **sampling)
+                sequences = model.generate(**batch, generation_config=gen_cfg)
                 new_tokens = sequences[:, batch["input_ids"].shape[1]:]  # (B * n, new)
+                rows = new_tokens.tolist()
                 texts = [tokenizer.decode(_until_eos(ids, tokenizer.eos_token_id), skip_special_tokens=True)
-                         for ids in new_tokens.tolist()]
+                         for ids in rows]
+                ended = [tokenizer.eos_token_id in ids for ids in rows]
                 per_prompt = 1 if greedy else cfg.num_samples
+                copies = cfg.num_samples if greedy else 1
                 for i in range(0, len(texts), per_prompt):
-                    group = texts[i:i + per_prompt]
-                    outputs.append(group * cfg.num_samples if greedy else group)
+                    outputs.append(texts[i:i + per_prompt] * copies)
+                    finished.append(ended[i:i + per_prompt] * copies)
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
-    return outputs
+    return outputs, finished
 
 
 def generate_outputs(model_path: str | os.PathLike, records: list[dict], cfg: SamplingConfig,
@@ -134,4 +230,6 @@ def _progress(iterable, enabled: bool, description: str):
         return iterable
     from rich.progress import track
 
-    return track(iterable, description=description)
+    from prefgym.progress import stderr_console
+
+    return track(iterable, description=description, console=stderr_console())
