@@ -78,7 +78,9 @@ def _assert_changed_and_reloads(before_dir, after_dir):
 
 
 def test_best_of_n_keeps_the_sample_with_the_highest_reward(models, tmp_path):
-    out = best_of_n.run(_bon_cfg(models, tmp_path / "bon.json"))
+    # the random policy rarely emits EOS in 6 tokens: rank by the reward model alone here
+    # (the missing-EOS rule has its own test in test_methods_other_quark.py)
+    out = best_of_n.run(_bon_cfg(models, tmp_path / "bon.json", missing_eos_penalty=None))
     rows = json.loads(out.read_text())
     assert [r["instruction"] for r in rows] == [r["instruction"] for r in RECORDS]
     varied = 0
@@ -149,6 +151,37 @@ def test_reward_conditioning_data_has_both_outputs_with_their_tokens():
     ]
     with pytest.raises(Exception, match="preference"):
         reward_conditioning.reward_conditioning_records([{**PAIRS[0], "preference": 3}])
+
+
+SOFT_PAIRS = [
+    {"instruction": "Add 1 and 2.", "input": "", "output_1": "3", "output_2": "4", "preference": 1.2},
+    {"instruction": "Add 2 and 2.", "input": "", "output_1": "5", "output_2": "4", "preference": 1.8},
+    {"instruction": "Add 3 and 2.", "input": "", "output_1": "5", "output_2": "6", "preference": None},
+    {"instruction": "Add 4 and 2.", "input": "", "output_1": "6", "output_2": "7", "preference": 1.49},
+]
+
+
+def test_soft_labels_are_rounded_by_the_shared_rule_and_unannotated_pairs_skipped():
+    assert [r["output"] for r in feedme.feedme_records(SOFT_PAIRS)] == ["3", "4", "6"]
+    records = reward_conditioning.reward_conditioning_records(SOFT_PAIRS)
+    assert [(r["instruction"][:6], r["output"]) for r in records] == [
+        ("<good>", "3"), ("<bad>A", "4"), ("<good>", "4"), ("<bad>A", "5"), ("<good>", "6"), ("<bad>A", "7")]
+
+
+@pytest.mark.parametrize("method", ["feedme", "reward-conditioning"])
+def test_a_meaningless_preference_names_file_row_and_field(method, models, tmp_path, capsys):
+    write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:3] + [{**PAIRS[3], "preference": 7}])
+    assert main([method, "--model", str(models[0]), "--preferences", str(tmp_path / "pairs.jsonl"),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert f"{tmp_path / 'pairs.jsonl'}, row 3, field 'preference'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_feedme_and_reward_conditioning_train_with_dropout_off_by_default():
+    """Both train through `train_sft`; its `disable_dropout` (default on) reaches it unchanged."""
+    for cls in (feedme.FeedMEConfig, reward_conditioning.RewardConditioningConfig):
+        assert reward_conditioning.sft_config(cls()).disable_dropout is True
+        assert reward_conditioning.sft_config(cls(disable_dropout=False)).disable_dropout is False
 
 
 # ---------------------------------------------------------------------------------------------

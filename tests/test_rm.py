@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from prefgym.data.prompts import format_prompt
 from prefgym.errors import ConfigError
 from prefgym.methods import reward_model
 from test_prefdata_toy import make_toy_model, toy_pairs, one_torch_thread  # noqa: F401 (autouse fixture)
@@ -89,6 +90,56 @@ def test_scorer_on_tokens_equals_texts(trained_rm):
     a = scorer.score_texts(prompts, responses)
     c = scorer.score_tokens(left_ids, left_mask).numpy()
     np.testing.assert_allclose(a, c, atol=1e-4)
+
+
+def test_accuracy_counts_by_hand():
+    s1 = [0.3, 0.3, 0.3, -1.0, 2.0, 1.0, 0.0]
+    s2 = [-0.2, -0.2, 0.9, 2.0, 2.0, 0.0, 0.0]
+    p1 = [0.8, 0.2, 0.5, 0.3, 1.0, 0.6, 0.0]  # P(output_1 better)
+    # favoured: 1, 2, tie, 2, 1, 1, 2 -> right, wrong, -, right, wrong (equal), right, wrong (equal)
+    assert reward_model.accuracy_counts(s1, s2, p1) == (3, 6)
+
+
+def _soften(pairs: list[dict]) -> list[dict]:
+    """Logprob-judge style labels: hard 1 / 2 become 1.2, 1.3 / 1.8, 1.9; ties stay 1.5; one hard pair of each left."""
+    soft = {1: [1.2, 1.3], 2: [1.8, 1.9]}
+    return [{**p, "preference": p["preference"] if p["preference"] == 1.5 or i < 2 else soft[p["preference"]][i % 2]}
+            for i, p in enumerate(pairs)]
+
+
+def test_accuracy_on_soft_labels_and_dropout_off_against_a_hand_count(tmp_path):
+    """lr = 0 on a model with dropout: the logged step-1 loss and accuracy and the held-out accuracy
+    equal a hand count from the saved model's eval-mode scores (higher score to the favoured
+    output, ties excluded)."""
+    from prefgym.seeding import rng_for
+    from test_dpo import _with_attention_dropout
+
+    sft = _with_attention_dropout(make_toy_model(tmp_path / "sft0"), tmp_path / "sft", 0.5)
+    pairs = _soften(toy_pairs(40, seed=7, ties=True))
+    assert any(p["preference"] == 1.5 for p in pairs) and any(p["preference"] == 1.2 for p in pairs)
+    cfg = reward_model.RewardModelConfig(model_name_or_path=str(sft), output_dir=str(tmp_path / "rm"), lr=0.0,
+                                         epochs=1, per_device_batch_size=20, eval_fraction=0.5, max_length=64,
+                                         normalize=False)
+    path = reward_model.train(cfg, records=pairs)
+    order = rng_for(cfg.seed, "reward-model-split").permutation(len(pairs))
+    scorer = reward_model.RewardScorer(path)
+
+    def hand(idx):
+        ps = [pairs[i] for i in idx]
+        prompts = [format_prompt(p["instruction"]) for p in ps]
+        s1 = scorer.score_texts(prompts, [p["output_1"] for p in ps])
+        s2 = scorer.score_texts(prompts, [p["output_2"] for p in ps])
+        p1 = np.array([2 - p["preference"] for p in ps])
+        favoured, decided = np.where(p1 > 0.5, s1 > s2, s2 > s1), p1 != 0.5
+        loss = np.mean(-(p1 * np.log(1 / (1 + np.exp(s2 - s1))) + (1 - p1) * np.log(1 / (1 + np.exp(s1 - s2)))))
+        return favoured[decided].mean(), loss
+
+    train_acc, train_loss = hand(order[20:])
+    eval_acc, _ = hand(order[:20])
+    metrics = [json.loads(l) for l in (path / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["accuracy"] == pytest.approx(train_acc)
+    assert metrics[0]["loss"] == pytest.approx(train_loss, abs=1e-5)  # dropout off: eval-mode scores
+    assert json.loads((path / "eval_results.json").read_text())["eval_accuracy"] == pytest.approx(eval_acc)
 
 
 def test_reward_model_config_errors(tmp_path):

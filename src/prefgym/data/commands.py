@@ -22,7 +22,8 @@ def add_commands(app: typer.Typer) -> None:
         """Check that every record is well formed; exit 2 naming the file, row and field if not.
 
         Checks: valid UTF-8 and JSON, each row an object, required fields present, text
-        fields strings, preference a number, outputs a list of strings, no empty instruction.
+        fields strings, preference 1, 2, in between (1 + P(output_2 better)), 1.5 or 0 (tie) or
+        null (see prefgym.data.preferences), outputs a list of strings, no empty instruction.
 
         Reads SOURCE; writes nothing.
         """

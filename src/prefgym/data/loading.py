@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from prefgym.data.preferences import parse_preference
 from prefgym.errors import DataError
 from prefgym.io import read_records
 
 STRING_FIELDS = ("instruction", "input", "output", "output_1", "output_2", "generator",
                  "generator_1", "generator_2", "annotator", "dataset")
-NUMBER_FIELDS = ("preference",)
 LIST_OF_STRING_FIELDS = ("outputs",)
 
 
@@ -54,7 +54,8 @@ def validate_records(rows: list, required: tuple[str, ...] = ("instruction", "ou
     """Check each row and return copies with `input` normalised to a string ("" if absent).
 
     Raises DataError (naming `path`, the row and the field) for rows that are not objects,
-    missing required fields, fields of the wrong type and empty instructions.
+    missing required fields, fields of the wrong type, preferences that mean nothing (see
+    `prefgym.data.preferences`: 7, -1, "2", true) and empty instructions.
     """
     out = []
     for i, row in enumerate(rows):
@@ -71,10 +72,8 @@ def validate_records(rows: list, required: tuple[str, ...] = ("instruction", "ou
                 continue
             if field in row and not isinstance(value, str):
                 raise DataError(f"expected a string, got {_type_name(value)}", path=path, row=i, field=field)
-        for field in NUMBER_FIELDS:
-            value = row.get(field)
-            if field in row and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise DataError(f"expected a number, got {_type_name(value)}", path=path, row=i, field=field)
+        if "preference" in row:  # what the value means: prefgym.data.preferences
+            parse_preference(row["preference"], row=i, path=path)
         for field in LIST_OF_STRING_FIELDS:
             value = row.get(field)
             if field in row and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):

@@ -2,7 +2,8 @@
 
 Each example is judged on a pair whose `output_1` is the reference and `output_2` the model
 (AlpacaEval's order). A preference is 1 (reference better), 2 (model better), 1.5 or 0 (a draw),
-or any value in [1, 2] (a weighted judge's probability, plus 1). With p = preference - 1 in [0, 1]:
+or any value in [1, 2] (a weighted judge's probability, plus 1): `prefgym.data.preferences`.
+With p = preference - 1 = P(model better) in [0, 1] (AlpacaEval's `AbsoluteScoringRule`):
 
     win_rate       = 100 * mean(p)                  (draws count half)
     standard_error = 100 * std(p, ddof=1) / sqrt(n)
@@ -21,6 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from prefgym.data.preferences import parse_preference as _parse_preference
 from prefgym.errors import DataError
 from prefgym.io import read_records, write_json
 
@@ -31,24 +33,12 @@ LEADERBOARD_COLUMNS = [
 
 
 def parse_preference(value, *, path=None, row: int | None = None) -> float | None:
-    """One annotation's preference as a float in [1, 2] (0 -> 1.5), or None when missing."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise DataError(f"preference must be 1, 2, 1.5 or 0 (draw), got {value!r}", path=path, row=row, field="preference")
-    try:
-        p = float(value)
-    except (TypeError, ValueError):
-        raise DataError(f"preference must be a number (1, 2, 1.5 or 0 for a draw), got {value!r}",
-                        path=path, row=row, field="preference") from None
-    if math.isnan(p):
-        return None
-    if p == 0:
-        return 1.5
-    if not 1.0 <= p <= 2.0:
-        raise DataError(f"preference must be in [1, 2] or 0 for a draw, got {value!r}",
-                        path=path, row=row, field="preference")
-    return p
+    """One annotation's preference as a float in [1, 2] (0 -> 1.5), or None when missing.
+
+    The meaning of a value is defined once, in `prefgym.data.preferences`.
+    """
+    pref = _parse_preference(value, row=row, path=path)
+    return None if pref is None else pref.value
 
 
 def win_rate(preferences: Sequence) -> dict:

@@ -1,14 +1,29 @@
 """Direct preference optimisation (DPO, Rafailov et al. 2023) and IPO (Azar et al. 2023).
 
-With h = [log π(y_w|x) - log π_ref(y_w|x)] - [log π(y_l|x) - log π_ref(y_l|x)] (sums over the
-response tokens, y_w the preferred output):
-  sigmoid (DPO): loss = -log σ(β h)
-  ipo:           loss = (h - 1 / (2β))²
+Each annotated pair is oriented by the shared rounding rule (`prefgym.data.preferences`): y_w is
+the output the label favours, y_l the other; ties (P = 0.5) carry no preference and are skipped.
+With h = [log π(y_w|x) - log π_ref(y_w|x)] - [log π(y_l|x) - log π_ref(y_l|x)] and ε the
+probability that the label is wrong (below):
+  sigmoid (DPO): ℓ(h) = -log σ(β h)
+  ipo:           ℓ(h) = (h - 1 / (2β))², the log-probs averaged over each response's tokens
+  loss = (1 - ε) ℓ(h) + ε ℓ(-h)      (the expected loss when the label is flipped with probability ε)
+For sigmoid this is conservative DPO (cDPO), exactly TRL's `DPOTrainer.dpo_loss` with loss_type
+"sigmoid" and `label_smoothing` = ε (TRL 0.12 to 0.28; from 0.29 TRL keeps label smoothing for
+"robust" / "exo_pair" only); for IPO it equals (h - (1 - 2ε) / (2β))² up to a constant, the IPO
+target for a soft preference. ε combines two independent sources of label noise:
+  - the label's own uncertainty, ε_label = 1 - P(y_w better) (0 for a hard 1 / 2; 0.2 for an
+    AlpacaEval logprob judge's 1.2) when soft_labels = "weight"; 0 when "round";
+  - a global `label_smoothing` ε_s (cDPO / robust DPO's flip probability);
+  ε = ε_label (1 - ε_s) + ε_s (1 - ε_label).
+IPO averages log-probs over the response's tokens, as the IPO authors and TRL do
+(`ipo_average`; TRL `DPOTrainer`, loss_type "ipo", divides by the completion length); DPO sums.
+
 The reference log-probs do not change during training, so they are computed once, before the
-first step, by the policy itself (which starts as the reference) and cached in the output folder:
-no reference model is held in memory while training. Chosen and rejected outputs share their
-prompt, which goes through the model once per pair (`PairLogps`). Ties carry no preference and
-are skipped.
+first step, by the policy itself (which starts as the reference) and cached in the output folder
+(token sums; IPO divides by the lengths at each step): no reference model is held in memory while
+training. Dropout is off (`disable_dropout`, TRL's default) so that the policy's log-probs at step 1
+equal the reference's. Chosen and rejected outputs share their prompt, which goes through the
+model once per pair (`PairLogps`).
 """
 
 from __future__ import annotations
@@ -22,6 +37,7 @@ import torch
 import torch.nn.functional as F
 import typer
 
+from prefgym.data.preferences import annotated_pairs
 from prefgym.data.prompts import format_prompt
 from prefgym.errors import ConfigError, DataError
 from prefgym.io import append_jsonl, atomic_path
@@ -43,6 +59,15 @@ class DPOConfig:
     """'sigmoid' (DPO) or 'ipo'."""
     beta: float = 0.1
     """Strength of the implicit KL constraint (DPO's β; IPO's regulariser τ)."""
+    soft_labels: str = "weight"
+    """Soft preferences (e.g. 1.2 = 80% output_1): 'weight' (flip probability 1 - P(winner) in the
+    loss) or 'round' (train on the rounded winner as if the label were hard)."""
+    label_smoothing: float = 0.0
+    """Global probability that any label is flipped, in [0, 0.5) (cDPO / robust DPO's ε; 0: none)."""
+    ipo_average: bool = True
+    """IPO: average the log-probs over the response's tokens (the IPO authors, TRL); False sums them."""
+    disable_dropout: bool = True
+    """Turn dropout off in the policy, as TRL does by default (the reference is scored in eval mode)."""
     epochs: int = 2
     """Passes over the pairs."""
     lr: float = 1e-6
@@ -73,42 +98,54 @@ class DPOConfig:
     """Dropout on the LoRA inputs."""
 
 
+def flip_probability(p_chosen: torch.Tensor, label_smoothing: float, soft_labels: str = "weight") -> torch.Tensor:
+    """ε per pair: P(the label's chosen output is in fact the worse one).
+
+    `p_chosen` = P(chosen better) from the label (1 for a hard label); independent flips with
+    probability `label_smoothing` on top: ε = ε_label (1 - ε_s) + ε_s (1 - ε_label).
+    """
+    eps_label = (1.0 - p_chosen) if soft_labels == "weight" else torch.zeros_like(p_chosen)
+    return eps_label * (1.0 - label_smoothing) + label_smoothing * (1.0 - eps_label)
+
+
 def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                    ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid"
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair losses (B,) and implicit rewards β·log(π/π_ref) of chosen and rejected outputs."""
+                    ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid",
+                    flip: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses (B,) and implicit rewards β·log(π/π_ref) of chosen and rejected outputs.
+
+    Inputs are per-pair log-probs (sums, or per-token averages for IPO); `flip` is ε (per pair or
+    one number): loss = (1 - ε) ℓ(h) + ε ℓ(-h).
+    """
     chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
     h = chosen_ratio - rejected_ratio
     if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * h)
+        def ell(x):
+            return -F.logsigmoid(beta * x)
     elif loss_type == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
+        def ell(x):
+            return (x - 1 / (2 * beta)) ** 2
     else:
         raise ConfigError(f"dpo: loss_type must be 'sigmoid' or 'ipo', got '{loss_type}'")
+    losses = (1 - flip) * ell(h) + flip * ell(-h)
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def _chosen_rejected(records: list[dict], path=None) -> list[tuple[str, str, str]]:
-    """(prompt, chosen, rejected) for every pair with a strict preference."""
+def _chosen_rejected(records: list[dict], path=None) -> list[tuple[str, str, str, float]]:
+    """(prompt, chosen, rejected, P(chosen better)) per pair, oriented by the rounding rule; ties skipped."""
     out = []
-    for i, r in enumerate(records):
-        for f in ("instruction", "output_1", "output_2", "preference"):
-            if f not in r:
-                raise DataError("missing field", path=path, row=i, field=f)
-        if r["preference"] is None:
+    for _, r, pref in annotated_pairs(records, path=path):
+        if pref.winner is None:
             continue
-        p = common.preference_target(r["preference"], row=i, path=path)
-        if p == 0.5:
-            continue
-        chosen, rejected = (r["output_1"], r["output_2"]) if p == 1.0 else (r["output_2"], r["output_1"])
-        out.append((format_prompt(r["instruction"], r.get("input", "")), chosen, rejected))
+        chosen, rejected = (r["output_1"], r["output_2"]) if pref.winner == 1 else (r["output_2"], r["output_1"])
+        out.append((format_prompt(r["instruction"], r.get("input", "")), chosen, rejected, pref.p_winner))
     if not out:
-        raise DataError("no pairs with a strict preference (1 or 2) to train on", path=path)
+        raise DataError("no pairs with a preference for one output (all ties or unannotated) to train on",
+                        path=path)
     return out
 
 
 class PairLogps(torch.nn.Module):
-    """Summed response log-probs of the chosen and rejected outputs, the shared prompt run once.
+    """Summed response log-probs (B,), (B,) of the chosen and rejected outputs, the shared prompt run once.
 
     The prompts (left-padded) go through the model once; their KV cache, repeated for the two
     responses, conditions one pass over the chosen and rejected responses (right-padded). One
@@ -137,14 +174,14 @@ class PairLogps(torch.nn.Module):
         return seq[0::2], seq[1::2]
 
 
-def _pair_batch(tokenizer, triples, max_length: int, device) -> list[torch.Tensor]:
+def _pair_batch(tokenizer, examples, max_length: int, device) -> list[torch.Tensor]:
     """prompt_ids, prompt_mask (B, P) left-padded; response_ids, response_mask (2B, R) right-padded.
 
     Responses end with EOS; the prompt keeps its last tokens and each response its first ones when
     prompt + response is longer than max_length.
     """
     prompts, responses = [], []
-    for prompt, chosen, rejected in triples:
+    for prompt, chosen, rejected, *_ in examples:
         p = tokenizer(prompt)["input_ids"]
         rs = [(tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[: max(1, max_length - 1)]
               for r in (chosen, rejected)]
@@ -160,20 +197,20 @@ def _pair_batch(tokenizer, triples, max_length: int, device) -> list[torch.Tenso
 
 
 @torch.no_grad()
-def _reference_logps(accelerator, model, tokenizer, triples, cfg: DPOConfig) -> torch.Tensor:
+def _reference_logps(accelerator, model, tokenizer, examples, cfg: DPOConfig) -> torch.Tensor:
     """(N, 2) reference log-probs of (chosen, rejected), computed in shards across processes."""
     from accelerate.utils import gather_object
 
     was_training = model.training
     model.eval()
     rank, n_proc = accelerator.process_index, accelerator.num_processes
-    mine = list(range(rank, len(triples), n_proc))
+    mine = list(range(rank, len(examples), n_proc))
     rows = []
     with common.make_progress(accelerator) as progress:
         task = progress.add_task("reference log-probs", total=len(mine), info="")
         for s in range(0, len(mine), cfg.per_device_batch_size):
             idx = mine[s:s + cfg.per_device_batch_size]
-            c, r = model(*_pair_batch(tokenizer, [triples[i] for i in idx], cfg.max_length, accelerator.device))
+            c, r = model(*_pair_batch(tokenizer, [examples[i] for i in idx], cfg.max_length, accelerator.device))
             rows += [(i, float(a), float(b)) for i, a, b in zip(idx, c.tolist(), r.tolist())]
             progress.update(task, advance=len(idx))
     model.train(was_training)
@@ -181,17 +218,42 @@ def _reference_logps(accelerator, model, tokenizer, triples, cfg: DPOConfig) -> 
     return torch.tensor([[a, b] for _, a, b in rows], dtype=torch.float64)
 
 
+def batch_losses(model, tokenizer, examples, ref: torch.Tensor, cfg: DPOConfig, device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses, implicit rewards (chosen, rejected) and policy log-probs (chosen, rejected) of
+    a micro-batch; `ref` (B, 2) holds the reference's summed log-probs of (chosen, rejected)."""
+    batch = _pair_batch(tokenizer, examples, cfg.max_length, device)
+    pc, pr = model(*batch)  # (B,), (B,): sums over the response tokens
+    rc, rr = ref[:, 0], ref[:, 1]
+    if cfg.loss_type == "ipo" and cfg.ipo_average:
+        lengths = batch[3].sum(-1).float()  # response tokens, chosen and rejected interleaved
+        nc, nr = lengths[0::2], lengths[1::2]
+        pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
+    p_chosen = torch.tensor([t[3] for t in examples], device=device, dtype=pc.dtype)
+    flip = flip_probability(p_chosen, cfg.label_smoothing, cfg.soft_labels)
+    losses, chosen_r, rejected_r = preference_loss(pc, pr, rc, rr, cfg.beta, cfg.loss_type, flip)
+    return losses, chosen_r, rejected_r, pc, pr
+
+
+def _check(cfg: DPOConfig) -> None:
+    if not cfg.model_name_or_path or not cfg.output_dir:
+        raise ConfigError("dpo: model_name_or_path and output_dir are required")
+    if cfg.loss_type not in ("sigmoid", "ipo"):
+        raise ConfigError(f"dpo: loss_type must be 'sigmoid' or 'ipo', got '{cfg.loss_type}'")
+    if cfg.soft_labels not in ("weight", "round"):
+        raise ConfigError(f"dpo: soft_labels must be 'weight' or 'round', got '{cfg.soft_labels}'")
+    if not 0.0 <= cfg.label_smoothing < 0.5:
+        raise ConfigError(f"dpo: label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+
+
 def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
     """Train a policy with DPO / IPO on annotated pairs; returns its folder (save_pretrained)."""
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
-    if not cfg.model_name_or_path or not cfg.output_dir:
-        raise ConfigError("dpo: model_name_or_path and output_dir are required")
+    _check(cfg)
     if records is None and not cfg.preference_file:
         raise ConfigError("dpo: preference_file is required")
-    if cfg.loss_type not in ("sigmoid", "ipo"):
-        raise ConfigError(f"dpo: loss_type must be 'sigmoid' or 'ipo', got '{cfg.loss_type}'")
     out = Path(cfg.output_dir)
     if cfg.resume and (out / "model.safetensors").exists() and not (out / "checkpoint").exists():
         return out  # already complete
@@ -199,10 +261,12 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
     seed_everything(cfg.seed)
     if records is None:
         records = common.load_split(cfg.preference_file, ("instruction", "output_1", "output_2", "preference"))
-    triples = _chosen_rejected(records, cfg.preference_file or None)
+    examples = _chosen_rejected(records, cfg.preference_file or None)
     tokenizer = common.load_tokenizer(cfg.model_name_or_path)
     model = PairLogps(AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=torch.float32))
     model.to(accelerator.device)
+    if cfg.disable_dropout:
+        common.disable_dropout(model)
 
     # 1. Reference log-probs, once (cached: a resumed run reads them back).
     ref_file = out / "reference_logps.pt"
@@ -211,15 +275,15 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
     else:
         ref_model = model if not cfg.reference_model else PairLogps(AutoModelForCausalLM.from_pretrained(
             cfg.reference_model, dtype=torch.float32)).to(accelerator.device)
-        ref_logps = _reference_logps(accelerator, ref_model, tokenizer, triples, cfg)
+        ref_logps = _reference_logps(accelerator, ref_model, tokenizer, examples, cfg)
         del ref_model
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             with atomic_path(ref_file) as tmp:
                 torch.save(ref_logps, tmp)
         accelerator.wait_for_everyone()
-    if len(ref_logps) != len(triples):
-        raise DataError(f"cached reference log-probs of {len(ref_logps)} pairs, but the data has {len(triples)}; "
+    if len(ref_logps) != len(examples):
+        raise DataError(f"cached reference log-probs of {len(ref_logps)} pairs, but the data has {len(examples)}; "
                         "delete the file (or use a fresh output_dir)", path=ref_file)
 
     # 2. Policy, optimizer, Accelerate.
@@ -230,9 +294,9 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     n_proc, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.per_device_batch_size * n_proc * cfg.grad_accum
-    steps_per_epoch = len(triples) // global_batch
+    steps_per_epoch = len(examples) // global_batch
     if steps_per_epoch == 0:
-        raise ConfigError(f"dpo: {len(triples)} pairs is fewer than one global batch ({global_batch}); "
+        raise ConfigError(f"dpo: {len(examples)} pairs is fewer than one global batch ({global_batch}); "
                           "lower per_device_batch_size or grad_accum")
     total_steps = steps_per_epoch * cfg.epochs
     ckpt_dir = out / "checkpoint"
@@ -253,7 +317,7 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
         task = progress.add_task(f"dpo ({cfg.loss_type})", total=total_steps, completed=step, info="")
         while step < total_steps:
             epoch, k = divmod(step, steps_per_epoch)
-            perm = rng_for(cfg.seed, "dpo-epoch", epoch).permutation(len(triples))
+            perm = rng_for(cfg.seed, "dpo-epoch", epoch).permutation(len(examples))
             batch_idx = perm[k * global_batch:(k + 1) * global_batch]
             stats = []
             for micro in range(cfg.grad_accum):
@@ -261,10 +325,8 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
                 idx = batch_idx[start:start + cfg.per_device_batch_size]
                 ref = ref_logps[idx].to(accelerator.device, torch.float32)
                 with common.no_sync_unless(accelerator, model, micro == cfg.grad_accum - 1):
-                    pc, pr = model(*_pair_batch(tokenizer, [triples[i] for i in idx], cfg.max_length,
-                                                accelerator.device))
-                    losses, chosen_r, rejected_r = preference_loss(pc, pr, ref[:, 0], ref[:, 1], cfg.beta,
-                                                                   cfg.loss_type)
+                    losses, chosen_r, rejected_r, pc, pr = batch_losses(model, tokenizer, [examples[i] for i in idx],
+                                                                        ref, cfg, accelerator.device)
                     accelerator.backward(losses.mean() / cfg.grad_accum)
                 stats.append(torch.stack([losses.mean().detach(), chosen_r.mean(), rejected_r.mean(),
                                           (chosen_r > rejected_r).float().mean(),
@@ -306,7 +368,12 @@ def add_commands(app: typer.Typer) -> None:
         set_: list[str] = typer.Option([], "--set", help="Config override key=value (repeatable)."),
         resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue from a checkpoint (default: yes)."),
     ):
-        """Train a policy directly on annotated pairs with DPO (or IPO)."""
+        """Train a policy directly on annotated pairs with DPO (or IPO).
+
+        Reads: --model (SFT model folder: start and reference), --preferences (annotated pairs).
+        Writes to --out: the policy (save_pretrained), metrics.jsonl, reference_logps.pt,
+        train_config.json, and checkpoint/ while training (rerun the same command to resume).
+        """
         overrides = {**common.parse_overrides(set_), "model_name_or_path": model, "preference_file": preferences,
                      "output_dir": output_dir, "loss_type": loss_type, "beta": beta, "resume": resume}
         cfg = common.load_config(DPOConfig, config, overrides)

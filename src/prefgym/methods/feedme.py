@@ -1,8 +1,9 @@
 """Binary FeedME: supervised fine-tuning on the preferred output of each annotated pair.
 
 AlpacaFarm's "binary FeedME" (after OpenAI's FeedME): the simplest use of pairwise feedback.
-Each pair with a decided preference becomes one demonstration, the preferred output; ties and
-unannotated pairs are dropped. Training is exactly SFT (`train_sft`), starting from the SFT model.
+Each pair with a decided preference becomes one demonstration, the preferred output (the shared
+rounding rule of `prefgym.data.preferences`: a soft 1.2 favours output_1); ties and unannotated
+pairs are dropped. Training is exactly SFT (`train_sft`), starting from the SFT model.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Optional
 
 import typer
 
+from prefgym.data.preferences import annotated_pairs
 from prefgym.errors import ConfigError, DataError
-from prefgym.methods.reward_conditioning import load_pairs, preferred_index, sft_config
+from prefgym.methods.reward_conditioning import load_pairs, sft_config
 from prefgym.methods.sft import SFTConfig, train_sft
 
 
@@ -34,15 +36,10 @@ class FeedMEConfig(SFTConfig):
     """Split of `preference_file` when it is a folder or Hub dataset."""
 
 
-def feedme_records(pairs: list[dict]) -> list[dict]:
+def feedme_records(pairs: list[dict], path=None) -> list[dict]:
     """One SFT record (instruction, input, output) per decided pair: its preferred output. Ties are dropped."""
-    out = []
-    for i, p in enumerate(pairs):
-        winner = preferred_index(p, row=i)
-        if winner is not None:
-            out.append({"instruction": p["instruction"], "input": p.get("input") or "",
-                        "output": p[f"output_{winner}"]})
-    return out
+    return [{"instruction": p["instruction"], "input": p.get("input") or "", "output": p[f"output_{pref.winner}"]}
+            for _, p, pref in annotated_pairs(pairs, path=path) if pref.winner is not None]
 
 
 def train(cfg: FeedMEConfig, pairs: list[dict] | None = None) -> Path:
@@ -53,7 +50,7 @@ def train(cfg: FeedMEConfig, pairs: list[dict] | None = None) -> Path:
         if not cfg.preference_file:
             raise ConfigError("feedme: preference_file is required")
         pairs = load_pairs(cfg.preference_file, cfg.preference_split)
-    records = feedme_records(pairs)
+    records = feedme_records(pairs, path=cfg.preference_file or None)
     if not records:
         raise DataError("no decided (non-tie) pairs to train on", path=cfg.preference_file or "pairs")
     return train_sft(sft_config(cfg, train_file=None, split=None), records=records)

@@ -26,6 +26,7 @@ from typing import Optional
 
 import typer
 
+from prefgym.data.preferences import annotated_pairs
 from prefgym.errors import ConfigError, DataError
 from prefgym.methods.sft import SFTConfig, train_sft
 
@@ -135,40 +136,22 @@ class RewardConditioningConfig(SFTConfig):
     """Control token in front of the instruction for dispreferred outputs."""
 
 
-def reward_conditioning_records(pairs: list[dict], good_token: str = "<good>", bad_token: str = "<bad>") -> list[dict]:
+def reward_conditioning_records(pairs: list[dict], good_token: str = "<good>", bad_token: str = "<bad>",
+                                path=None) -> list[dict]:
     """Two SFT records per decided pair: the preferred output under `good_token`, the other under `bad_token`.
 
-    Ties (1.5, or AlpacaEval's 0) and unannotated pairs (preference None) are dropped.
+    The preferred output is the one the label favours by the shared rounding rule
+    (`prefgym.data.preferences`: a soft 1.2 favours output_1); ties (1.5, AlpacaEval's 0) and
+    unannotated pairs (null) are dropped.
     """
     out = []
-    for i, p in enumerate(pairs):
-        winner = preferred_index(p, row=i)
-        if winner is None:
+    for _, p, pref in annotated_pairs(pairs, path=path):
+        if pref.winner is None:
             continue
-        loser = 3 - winner
         base = {"instruction": p["instruction"], "input": p.get("input") or ""}
-        out.append({**with_control_token([base], good_token)[0], "output": p[f"output_{winner}"]})
-        out.append({**with_control_token([base], bad_token)[0], "output": p[f"output_{loser}"]})
+        out.append({**with_control_token([base], good_token)[0], "output": p[f"output_{pref.winner}"]})
+        out.append({**with_control_token([base], bad_token)[0], "output": p[f"output_{3 - pref.winner}"]})
     return out
-
-
-def preferred_index(pair: dict, row: int | None = None, path=None) -> int | None:
-    """1 or 2: which output of an annotated pair is preferred; None for a tie or no annotation.
-
-    AlpacaFarm's convention: 1 = output_1 better, 2 = output_2 better, 1.5 a tie (AlpacaEval's
-    0 also a draw). Soft preferences (e.g. 1.2, an average over annotators) go to the nearer side.
-    """
-    value = pair.get("preference")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DataError(f"preference must be 1, 2 or 1.5, got {value!r}", path=path, row=row, field="preference")
-    if value == 0 or value == 1.5:
-        return None
-    if not 1 <= value <= 2:
-        raise DataError(f"preference must be between 1 and 2 (or 0 for a draw), got {value!r}",
-                        path=path, row=row, field="preference")
-    return 1 if value < 1.5 else 2
 
 
 def load_pairs(source: str, split: str | None = None) -> list[dict]:
@@ -197,7 +180,7 @@ def train(cfg: RewardConditioningConfig, pairs: list[dict] | None = None) -> Pat
         if not cfg.preference_file:
             raise ConfigError("reward conditioning: preference_file is required")
         pairs = load_pairs(cfg.preference_file, cfg.preference_split)
-    records = reward_conditioning_records(pairs, cfg.good_token, cfg.bad_token)
+    records = reward_conditioning_records(pairs, cfg.good_token, cfg.bad_token, path=cfg.preference_file or None)
     if not records:
         raise DataError("no decided (non-tie) pairs to train on", path=cfg.preference_file or "pairs")
 

@@ -2,8 +2,13 @@
 
 The model is `AutoModelForSequenceClassification` (num_labels=1) initialised from the SFT policy;
 a sequence's reward is the head's output at its last real token (the EOS that ends the response).
-The loss is the Bradley–Terry log-loss on r(output_1) - r(output_2) with target P(output_1 better):
-1 for preference 1, 0 for preference 2, and 0.5 for a tie (1.5). After training, rewards are
+The loss is the Bradley–Terry log-loss on r(output_1) - r(output_2) with the soft target
+P(output_1 better) = 2 - preference (`prefgym.data.preferences`): 1 for preference 1, 0 for 2,
+0.8 for a logprob judge's 1.2, 0.5 for a tie. For hard labels this is TRL's `RewardTrainer` loss,
+-log σ(r_chosen - r_rejected). Accuracy is the share of pairs whose higher score goes to the
+output the label favours (the rounding rule: P > 0.5), ties excluded; equal scores count as wrong
+(as TRL's `rewards_chosen > rewards_rejected`). Dropout is off while training (`disable_dropout`,
+TRL's default), so the scores trained on are the ones used later. After training, rewards are
 normalised so that the SFT policy's own samples (the outputs in the preference data) have mean 0
 and standard deviation 1; the normalisation lives in `reward_normalization.json` next to the
 model and `score` / `RewardScorer` apply it.
@@ -21,6 +26,7 @@ import torch
 import torch.nn.functional as F
 import typer
 
+from prefgym.data.preferences import annotated_pairs
 from prefgym.data.prompts import format_prompt
 from prefgym.errors import ConfigError, DataError
 from prefgym.io import append_jsonl, write_json
@@ -54,6 +60,8 @@ class RewardModelConfig:
     """Micro-batches per optimizer step (global batch = per_device_batch_size × processes × grad_accum)."""
     max_length: int = 512
     """Tokens of prompt + response kept (prompt cut from the left, response from the right)."""
+    disable_dropout: bool = True
+    """Turn dropout off while training (TRL's default): train on the scores the model will give."""
     normalize: bool = True
     """Shift and scale rewards so the SFT samples in the preference data have mean 0, std 1."""
     seed: int = 0
@@ -73,18 +81,22 @@ class RewardModelConfig:
 
 
 def _pairs_and_targets(records: list[dict], path=None) -> tuple[list[dict], list[float]]:
-    pairs, targets = [], []
-    for i, r in enumerate(records):
-        for f in ("instruction", "output_1", "output_2", "preference"):
-            if f not in r:
-                raise DataError("missing field", path=path, row=i, field=f)
-        if r["preference"] is None:
-            continue  # unannotated pair
-        targets.append(common.preference_target(r["preference"], row=i, path=path))
-        pairs.append(r)
-    if not pairs:
+    """Annotated pairs and their targets P(output_1 better); unannotated pairs are skipped."""
+    annotated = annotated_pairs(records, path=path)
+    if not annotated:
         raise DataError("no annotated pairs to train on", path=path)
-    return pairs, targets
+    return [r for _, r, _ in annotated], [pref.p1 for _, _, pref in annotated]
+
+
+def accuracy_counts(score_1, score_2, target) -> tuple[int, int]:
+    """(pairs whose higher score goes to the favoured output, pairs with a favoured output).
+
+    `target` = P(output_1 better); output_1 is favoured when it is > 0.5, output_2 when < 0.5,
+    and ties (0.5) are left out. Equal scores count as wrong.
+    """
+    s1, s2, t = (torch.as_tensor(x, dtype=torch.float64) for x in (score_1, score_2, target))
+    correct = torch.where(t > 0.5, s1 > s2, s2 > s1)[t != 0.5]
+    return int(correct.sum()), int(correct.numel())
 
 
 def bradley_terry_loss(score_1: torch.Tensor, score_2: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -132,6 +144,8 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
     model = AutoModelForSequenceClassification.from_pretrained(cfg.model_name_or_path, num_labels=1,
                                                                dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.disable_dropout:
+        common.disable_dropout(model)
     model = common.TokenScorer(common.apply_lora(model, cfg, "SEQ_CLS"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
@@ -167,7 +181,7 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
             epoch, k = divmod(step, steps_per_epoch)
             perm = train_idx[rng_for(cfg.seed, "reward-model-epoch", epoch).permutation(len(train_idx))]
             batch_idx = perm[k * global_batch:(k + 1) * global_batch]
-            losses, accs = [], []
+            losses, hits = [], torch.zeros(2)
             for micro in range(cfg.grad_accum):
                 start = (micro * n_proc + rank) * cfg.per_device_batch_size
                 idx = batch_idx[start:start + cfg.per_device_batch_size]
@@ -177,17 +191,16 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
                     target = torch.tensor([targets[i] for i in idx], device=accelerator.device)
                     loss = bradley_terry_loss(s1, s2, target)
                     accelerator.backward(loss / cfg.grad_accum)
-                decided = target != 0.5
                 losses.append(loss.detach())
-                accs.append(((s1 > s2).float() == target)[decided].float().mean() if decided.any()
-                            else torch.tensor(float("nan")))
+                hits += torch.tensor(accuracy_counts(s1.detach(), s2.detach(), target), dtype=torch.float)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
             step += 1
+            correct, decided = accelerator.reduce(hits.to(accelerator.device), "sum").tolist()
             metrics = {"step": step, "epoch": epoch,
                        "loss": accelerator.reduce(torch.stack(losses).mean(), "mean").item(),
-                       "accuracy": accelerator.reduce(torch.stack(accs).nanmean(), "mean").item(),
+                       "accuracy": correct / decided if decided else float("nan"),
                        "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 2)}
             if accelerator.is_main_process:
                 append_jsonl(out / "metrics.jsonl", metrics)
@@ -203,8 +216,8 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
     eval_metrics = {"eval_pairs": len(eval_pairs)}
     if len(eval_pairs):
         s1, s2 = raw[: len(eval_pairs)], raw[len(eval_pairs):]
-        decided = eval_targets != 0.5
-        eval_metrics["eval_accuracy"] = float(((s1 > s2) == (eval_targets == 1))[decided].mean()) if decided.any() else None
+        correct, decided = accuracy_counts(s1, s2, eval_targets)
+        eval_metrics["eval_accuracy"] = correct / decided if decided else None
         eval_metrics["eval_loss"] = float(bradley_terry_loss(torch.tensor(s1), torch.tensor(s2),
                                                              torch.tensor(eval_targets)))
 
@@ -326,7 +339,13 @@ def add_commands(app: typer.Typer) -> None:
         set_: list[str] = typer.Option([], "--set", help="Config override key=value (repeatable)."),
         resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue from a checkpoint (default: yes)."),
     ):
-        """Train a reward model (Bradley–Terry, ties as 0.5) on annotated pairs."""
+        """Train a reward model (Bradley–Terry, ties as 0.5) on annotated pairs.
+
+        Reads: --model (SFT model folder), --preferences (annotated pairs).
+        Writes to --out: the reward model (save_pretrained), eval_results.json (held-out
+        accuracy), metrics.jsonl, train_config.json, and checkpoint/ while training (rerun the
+        same command to resume).
+        """
         overrides = {**common.parse_overrides(set_), "model_name_or_path": model,
                      "preference_file": preferences, "output_dir": output_dir, "resume": resume}
         cfg = common.load_config(RewardModelConfig, config, overrides)
