@@ -15,7 +15,7 @@ from prefgym.annotators import annotate_pairs, load_pool, make_pairs, summarize
 from prefgym.annotators.annotate import example_key
 from prefgym.annotators.backends import Completion
 from prefgym.annotators.config import JudgeConfig, available_configs
-from prefgym.annotators.parsers import json_parser, logprob_parser, parse_completion, regex_parser
+from prefgym.annotators.parsers import ParseError, json_parser, logprob_parser, parse_completion, regex_parser
 from prefgym.annotators.prompts import Item, render_prompt
 from prefgym.errors import ConfigError, DataError
 from prefgym.seeding import stable_hash
@@ -133,7 +133,8 @@ def test_logprob_parser_missing_tokens():
     c = Completion("x", logprobs=[{"token": "x", "logprob": -0.1, "top_logprobs": [{"token": "M", "logprob": -3.0}]}])
     assert logprob_parser(c) == [2.0]
     c.logprobs[0]["top_logprobs"] = [{"token": "The", "logprob": -0.1}]
-    assert logprob_parser(c) == [None]
+    with pytest.raises(ParseError, match="neither answer token 'm' nor 'M'.*saw 'The'"):
+        logprob_parser(c)
 
 
 # ---------------------------------------------------------------- world backends, pools, noise
@@ -236,16 +237,15 @@ def test_make_pairs_distinct_and_seeded():
 
 
 def test_analysis_maths_on_known_labels():
-    from prefgym.annotators.analysis import _agree, _loo, _mode
+    from prefgym.annotators.analysis import _agree, _mode_dist, _one_vs_mode, _one_vs_rest
 
-    rng = np.random.default_rng(0)
-    assert _mode([1, 1, 2], rng) == 1.0 and _mode([2, 2, 1.5], rng) == 2.0
-    assert {_mode([1, 2], np.random.default_rng(s)) for s in range(20)} == {1.0, 2.0}
+    assert _mode_dist([1, 1, 2]) == {1.0: 1.0} and _mode_dist([2, 2, 1.5]) == {2.0: 1.0}
+    assert _mode_dist([1, 2]) == {1.0: 0.5, 2.0: 0.5}  # a tie between modes: each half the time
     assert _agree(1, 1.5) == 0.5 and _agree(2, 2) == 1.0
     # 4 humans 2,2,2,1: held-out 2 -> mode(2,2,1)=2 agree; held-out 1 -> mode(2,2,2)=2 disagree
-    assert _loo([2, 2, 2, 1], None, rng) == pytest.approx(0.75)
-    # an annotator always saying 2 vs these humans: agree with mode of every 3 -> 1.0
-    assert _loo([2, 2, 2, 1], [2, 2, 2, 2], rng) == 1.0
+    assert _one_vs_rest([2, 2, 2, 1]) == pytest.approx(0.75)
+    # an annotator always saying 2 vs the mode of these humans (2) -> 1.0
+    assert _one_vs_mode([2, 2, 2, 2], [2, 2, 2, 1]) == 1.0
 
 
 def test_analyze_world_annotators(tmp_path):
@@ -269,7 +269,7 @@ def test_load_cross_annotations_alpaca_eval_format(tmp_path):
     rows = []
     for i in range(20):
         for h in range(4):
-            rows.append({"instruction": f"q{i}", "output_1": "short", "output_2": "a much longer answer",
+            rows.append({"instruction": f"q{i}", "output_1": "short", "output_2": "a much longer answer, by over 30 characters",
                          "preference": 0 if h == 3 else (1 + (i % 2)), "annotator_index": h})
     path = tmp_path / "cross.json"
     path.write_text(json.dumps(rows))
@@ -328,3 +328,30 @@ def test_default_cache_dir_is_prefgym_home(tmp_path, monkeypatch):
     assert (tmp_path / "home" / "cache" / "annotations.sqlite").exists()
     monkeypatch.delenv("PREFGYM_HOME")
     assert default_cache_dir() == Path.home() / ".cache" / "prefgym"
+
+
+def test_wrong_types_in_a_judge_name_file_key_and_type(tmp_path):
+    base = {"fn_completions": "world_judges", "prompt_template": "{instruction}",
+            "completions_kwargs": {"model_name": "world-judge-01"}}
+    for key, value, expected in (("max_concurrency", "8", "int"), ("max_concurrency", True, "int"),
+                                 ("price_per_prompt_token", "cheap", "int or float"),
+                                 ("is_randomize_output_order", "no", "bool"),
+                                 ("system_prompt", 3, "str or null"), ("completions_kwargs", [1], "dict")):
+        p = write_pool(tmp_path / "types.yaml", {"j": {**base, key: value}})
+        with pytest.raises(ConfigError, match=rf"types\.yaml: judge 'j': key '{key}' must be {expected}, got "):
+            load_pool(p)
+    p = write_pool(tmp_path / "low.yaml", {"j": {**base, "max_concurrency": 0}})
+    with pytest.raises(ConfigError, match=r"low\.yaml.*'max_concurrency' must be an integer >= 1"):
+        load_pool(p)
+    load_pool(write_pool(tmp_path / "ok.yaml", {"j": {**base, "price_per_example": 1, "seconds_per_example": None}}))
+
+
+def test_make_pairs_errors_name_the_file(tmp_path, capsys):
+    from prefgym.cli import main
+
+    src = tmp_path / "samples.json"
+    src.write_text(json.dumps([{"instruction": "a", "outputs": ["x", "y"]}, {"instruction": "b", "outputs": "xy"}]))
+    assert main(["make-pairs", str(src), "--out", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err
+    assert str(src) in err and "row 1" in err and "outputs" in err
+    assert not (tmp_path / "p.json").exists()

@@ -21,7 +21,8 @@ from prefgym.annotators.annotate import example_key
 from prefgym.errors import ConfigError, PrefgymError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_annotators_fakeapi import FakeOpenAI, expected_preference, judge_config, make_fake_pairs  # noqa: E402
+from test_annotators_fakeapi import (FakeOpenAI, expected_preference, ids_count, judge_config,  # noqa: E402
+                                     make_fake_pairs, pool_file)
 
 SECRET = "sk-test-SECRET-1234567890"
 
@@ -35,16 +36,6 @@ def api_key(monkeypatch):
 def api():
     with FakeOpenAI() as server:
         yield server
-
-
-def pool_file(tmp_path, cfg: dict, name="fake") -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"judges": {name: cfg}}))
-    return path
-
-
-def ids_count(requests) -> Counter:
-    return Counter(i for req in requests for i in req)
 
 
 def test_batch_of_5_with_faults_only_failing_items_retried_alone(api, tmp_path):

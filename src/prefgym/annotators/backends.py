@@ -19,7 +19,14 @@ from prefgym.errors import ConfigError, PrefgymError
 
 
 class BackendError(PrefgymError):
-    """A call failed after its retries (rate limits, server errors, timeouts); the rows are kept with `error`."""
+    """A call failed: an HTTP error, a timeout, a malformed reply. Retried with backoff when
+    `retryable`; a call still failing after its retries leaves its rows with `error`."""
+
+    def __init__(self, message: str, *, retryable: bool = True, retry_after: float | None = None):
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after = retry_after
+        """Seconds the server asked to wait (its Retry-After header), if it said."""
 
 
 @dataclass

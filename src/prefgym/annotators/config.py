@@ -39,7 +39,7 @@ PARSERS = ("regex_parser", "json_parser", "logprob_parser")
 _NOT_IN_CACHE_KEY = {"name", "source", "max_concurrency", "price_per_prompt_token",
                      "price_per_completion_token", "price_per_example", "seconds_per_example",
                      "description"}
-_KWARGS_NOT_IN_CACHE_KEY = {"timeout", "max_retries", "api_key_env"}
+_KWARGS_NOT_IN_CACHE_KEY = {"timeout", "max_retries", "retry_backoff", "api_key_env"}
 
 
 @dataclass
@@ -115,6 +115,10 @@ _EXAMPLE_FIELDS = {"instruction", "input", "output_1", "output_2", "index"}
 _HEADER_FIELDS = {"examples", "n_examples"}
 _JUDGE_KEYS = {f.name for f in dataclasses.fields(JudgeConfig)} - {"name", "source"}
 _POOL_KEYS = {"judges", "label_flip_prob", "description"}
+# The YAML types each judge setting accepts (by its annotation; bool is not taken for a number).
+_FIELD_TYPES = {"str": (str,), "str | None": (str, type(None)), "int": (int,), "float": (int, float),
+                "float | None": (int, float, type(None)), "bool": (bool,), "dict": (dict,)}
+_JUDGE_FIELD_TYPE = {f.name: f.type for f in dataclasses.fields(JudgeConfig)}
 
 
 def available_configs() -> list[str]:
@@ -155,6 +159,15 @@ def _judge_from_dict(name: str, d: dict, path: Path) -> JudgeConfig:
                               f"(known: {', '.join(sorted(_JUDGE_KEYS))})")
     if "fn_completions" not in d:
         raise ConfigError(f"{path}: judge '{name}': missing key 'fn_completions' ({', '.join(BACKENDS)})")
+    for key, value in d.items():
+        allowed = _FIELD_TYPES[_JUDGE_FIELD_TYPE[key]]
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ConfigError(f"{path}: judge '{name}': key '{key}' must be {names}, got "
+                              f"{type(value).__name__} {value!r:.40}")
+    for key, low in (("max_concurrency", 1), ("max_parse_retries", 0)):
+        if key in d and d[key] < low:
+            raise ConfigError(f"{path}: judge '{name}': key '{key}' must be an integer >= {low}")
     judge = JudgeConfig(name=str(name), source=str(path), **d)
     if judge.fn_completions not in BACKENDS:
         raise ConfigError(f"{path}: judge '{name}': key 'fn_completions' is '{judge.fn_completions}'; "

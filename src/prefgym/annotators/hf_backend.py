@@ -30,9 +30,17 @@ class HFLogprobBackend:
         if "model_name" not in kw:
             raise ConfigError(f"{judge.source}: judge '{judge.name}': missing key 'completions_kwargs.model_name'")
         self.judge = judge
-        self.tokenizer = AutoTokenizer.from_pretrained(kw["model_name"])
-        self.model = AutoModelForCausalLM.from_pretrained(
-            kw["model_name"], dtype=getattr(torch, kw.get("dtype", "float32"))).to(kw.get("device", "cpu")).eval()
+        dtype = getattr(torch, str(kw.get("dtype", "float32")), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ConfigError(f"{judge.source}: judge '{judge.name}': key 'completions_kwargs.dtype' is "
+                              f"{kw['dtype']!r}; use float32, bfloat16 or float16")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(kw["model_name"])
+            self.model = AutoModelForCausalLM.from_pretrained(kw["model_name"], dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{judge.source}: judge '{judge.name}': cannot load the model "
+                              f"'{kw['model_name']}' (key 'completions_kwargs.model_name'): {str(e)[:200]}") from None
+        self.model = self.model.to(kw.get("device", "cpu")).eval()
         self.top_k = int(kw.get("top_logprobs", 5))
         self.max_length = int(kw.get("max_length", 2048))
         pkw = judge.completion_parser_kwargs
