@@ -145,3 +145,11 @@ def test_win_rate_keeps_alpaca_eval_semantics_on_soft_and_draw_values():
     assert r["win_rate"] == pytest.approx(100 * sum(p) / len(p))
     assert (r["n_wins"], r["n_wins_base"], r["n_draws"], r["n_total"]) == (2, 3, 2, 7)
     assert not math.isnan(r["standard_error"])
+
+
+def test_annotation_summary_reads_preferences_by_the_shared_definition():
+    """AlpacaEval's 0 is a tie (P = 0.5), not -1; soft labels count by their probability."""
+    from prefgym.annotators.annotate import summarize
+
+    rows = [{"preference": 0}, {"preference": 1.2}, {"preference": 2}, {"preference": None, "error": "x"}]
+    assert summarize(rows)["p_output_2"] == pytest.approx((0.5 + 0.2 + 1.0) / 3)

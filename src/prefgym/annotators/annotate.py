@@ -276,6 +276,8 @@ def annotate_pairs(pairs: list[dict], annotators: str | PoolConfig = "world_pool
 
 def summarize(rows: list[dict]) -> dict:
     """Totals of an annotated file: labels, missing labels by reason, tokens, price and time per 1000."""
+    from prefgym.data.preferences import prob_output_2
+
     n = len(rows)
     labelled = [r for r in rows if r.get("preference") is not None]
     def total(f):
@@ -287,7 +289,8 @@ def summarize(rows: list[dict]) -> dict:
         "n_missing": n - len(labelled),
         "missing_reasons": dict(Counter((r.get("error") or "unknown").split(":")[0]
                                         for r in rows if r.get("preference") is None)),
-        "p_output_2": (sum(float(r["preference"]) - 1.0 for r in labelled) / n_lab) if labelled else None,
+        "p_output_2": (sum(prob_output_2(r["preference"], row=i) for i, r in enumerate(labelled)) / n_lab
+                       if labelled else None),
         "prompt_tokens_per_label": total("prompt_tokens_per_example") / n_lab,
         "completion_tokens_per_label": total("completion_tokens_per_example") / n_lab,
         "price_per_1000_labels": 1000 * total("price_per_example") / n_lab,
