@@ -1,9 +1,10 @@
 """Simulated and real pairwise annotators: judges from YAML, pools with label-flip noise, a
 durable cache, cost accounting, and annotator-quality analysis against human labels."""
 
-from prefgym.annotators.annotate import annotate_pairs, example_key, summarize
-from prefgym.annotators.config import JudgeConfig, PoolConfig, available_configs, load_pool
-from prefgym.annotators.pairs import make_pairs
+from prefgym.lazy_exports import lazy_exports
 
-__all__ = ["annotate_pairs", "make_pairs", "summarize", "example_key", "load_pool", "available_configs",
-           "JudgeConfig", "PoolConfig"]
+__all__, __getattr__ = lazy_exports(__name__, {  # loaded on first use: `prefgym --help` stays fast
+    "annotate": ["annotate_pairs", "example_key", "summarize"],
+    "config": ["JudgeConfig", "PoolConfig", "available_configs", "load_pool"],
+    "pairs": ["make_pairs"],
+})

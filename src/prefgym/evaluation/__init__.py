@@ -1,32 +1,19 @@
 """Evaluation: win-rate against a reference (± standard error), length-controlled win-rate,
-leaderboards, paired tests, Elo / Bradley–Terry ratings, rank correlation, plots and reports."""
+leaderboards, paired tests, Elo / Bradley–Terry ratings, rank correlation, plots and reports.
 
-from prefgym.evaluation.leaderboard import leaderboard_from_annotations, read_leaderboard, to_markdown, write_leaderboard
-from prefgym.evaluation.length_control import length_controlled_win_rate
-from prefgym.evaluation.plots import plot_leaderboard, plot_sim_vs_human, plot_training_curves, render_report_html
-from prefgym.evaluation.ratings import (
-    battles_from_annotations,
-    bootstrap_ratings,
-    bradley_terry_ratings,
-    elo_ratings,
-    load_battles,
-    ratings_table,
-)
-from prefgym.evaluation.stats import bootstrap_ci, paired_comparison, rank_correlation
-from prefgym.evaluation.winrate import (
-    evaluate,
-    evaluate_outputs,
-    gold_win_rate,
-    leaderboard_row,
-    load_annotations,
-    make_reference_pairs,
-    win_rate,
-)
+Each name loads its module (pandas, scipy, matplotlib) on first use.
+"""
 
-__all__ = [
-    "win_rate", "leaderboard_row", "load_annotations", "make_reference_pairs", "evaluate_outputs", "evaluate",
-    "gold_win_rate", "length_controlled_win_rate", "leaderboard_from_annotations", "read_leaderboard",
-    "write_leaderboard", "to_markdown", "bootstrap_ci", "paired_comparison", "rank_correlation",
-    "battles_from_annotations", "elo_ratings", "bradley_terry_ratings", "bootstrap_ratings", "ratings_table", "load_battles",
-    "plot_leaderboard", "plot_training_curves", "plot_sim_vs_human", "render_report_html",
-]
+from prefgym.lazy_exports import lazy_exports
+
+__all__, __getattr__ = lazy_exports(__name__, {
+    "leaderboard": ["leaderboard_from_annotations", "read_leaderboard", "to_markdown", "write_leaderboard"],
+    "length_control": ["length_controlled_win_rate"],
+    "plots": ["plot_leaderboard", "plot_sim_vs_human", "plot_training_curves", "plot_overoptimization",
+              "render_report_html"],
+    "ratings": ["battles_from_annotations", "bootstrap_ratings", "bradley_terry_ratings", "elo_ratings",
+                "load_battles", "ratings_table"],
+    "stats": ["bootstrap_ci", "paired_comparison", "rank_correlation"],
+    "winrate": ["evaluate", "evaluate_outputs", "gold_win_rate", "leaderboard_row", "load_annotations",
+                "make_reference_pairs", "win_rate"],
+})
