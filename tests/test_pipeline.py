@@ -67,9 +67,11 @@ def test_quick_pipeline_end_to_end(tmp_path, capsys):
     # the reference judged against itself is a draw on every example
     assert table.loc["reference", "win_rate"] == pytest.approx(50.0)
     assert ((table["win_rate"] >= 0) & (table["win_rate"] <= 100)).all()
-    assert (out / "leaderboard.md").read_text().count("\n") == len(table) + 2
+    ranked = [line for line in (out / "leaderboard.md").read_text().splitlines()
+              if line.startswith("| ") and not line.startswith("| rank")]
+    assert len(ranked) == len(table) - 1 and not any("| reference |" in line for line in ranked)
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 3  # leaderboard, humans, PPO curves
+    assert html.count("data:image/png;base64,") == 3  # win-rates by evaluator, PPO over-optimization, PPO KL
     curve = json.loads((out / "sim" / "eval" / "ppo_curve.json").read_text())
     assert [p["step"] for p in curve] == [0, 3, 6]
     # a second run resumes: every stage but the report is skipped, results unchanged
@@ -79,6 +81,12 @@ def test_quick_pipeline_end_to_end(tmp_path, capsys):
     assert "done already, skipped" in capsys.readouterr().err
     assert {k: v for k, v in json.loads((out / "timings.json").read_text()).items() if k != "report"} == \
         {k: v for k, v in timings.items() if k != "report"}
+    assert pd.read_csv(out / "leaderboard.csv", index_col=0).equals(table)
+    # the same folder with another seed: refused before any stage runs, the folder left as it was
+    run_config = (out / "run_config.json").read_text()
+    assert main(["run", "--scale", "quick", "--seed", "1", "--out", str(out)]) == 2
+    assert "stage world was made with other settings (seed: 0 -> 1)" in capsys.readouterr().err
+    assert (out / "run_config.json").read_text() == run_config
     assert pd.read_csv(out / "leaderboard.csv", index_col=0).equals(table)
 
 

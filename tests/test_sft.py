@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from helpers import launch_two_cpu_processes, run_process
 from prefgym.cli import main
 from prefgym.data import format_record
 from prefgym.errors import ConfigError
-from prefgym.methods.common import load_config
+from prefgym.methods.common import CheckpointSchedule, load_config
 from prefgym.methods.sft import CRASH_AFTER_STEP_ENV, SFTConfig, train_sft
 from prefgym.models import IGNORE_INDEX, load_model_and_tokenizer, tokenize_example
 from prefgym.models.tiny import make_tiny_checkpoint
@@ -132,10 +132,9 @@ def test_two_processes_follow_the_one_process_loss_curve(llama, tmp_path):
     config.write_text(f"model_name_or_path: {llama}\ntrain_file: {data}\noutput_dir: {tmp_path / 'two'}\n"
                       "epochs: 2\nlr: 0.01\nwarmup_ratio: 0.0\nper_device_batch_size: 2\nprogress: false\n")
     # `--multi_gpu` starts the processes with torchrun; without a GPU they train on CPU (gloo).
-    from test_dpo import launch_two_cpu_processes
-
+    # A deadline, and the whole process group killed on failure: a hang must not leave orphans.
     cmd = launch_two_cpu_processes("-m", "prefgym.cli", "sft", "--config", str(config))
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = run_process(cmd, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = tmp_path / "two"
     assert json.loads((two / "sft_config.json").read_text())["num_processes"] == 2
@@ -158,8 +157,7 @@ def test_resume_after_kill_ends_with_the_same_weights(tmp_path):
     killed = tmp_path / "killed"
     script = ("import sys, torch; torch.set_num_threads(1); from prefgym.methods.sft import SFTConfig, train_sft; "
               f"train_sft(SFTConfig(**{_cfg(base, killed, **kw).__dict__!r}))")
-    proc = subprocess.run([sys.executable, "-c", script], env={**_env(), CRASH_AFTER_STEP_ENV: "3"},
-                          capture_output=True, text=True, timeout=300)
+    proc = run_process([sys.executable, "-c", script], env={**_env(), CRASH_AFTER_STEP_ENV: "3"})
     assert proc.returncode == 137, proc.stderr[-3000:]
     assert (killed / "checkpoints" / "step_2" / "progress.json").exists()
     assert not (killed / "model.safetensors").exists()
@@ -241,3 +239,81 @@ def test_lora_sft_trains_only_adapters_and_saves_a_merged_plain_model(llama, tmp
     assert torch.linalg.matrix_rank(after[k] - before[k]).item() <= 4
     model, _ = load_model_and_tokenizer(out)
     assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_checkpoint_schedule_by_steps_and_by_time():
+    now = [0.0]
+    schedule = CheckpointSchedule(save_steps=5, save_every_seconds=10.0, clock=lambda: now[0])
+    due = []
+    for step in range(1, 11):
+        now[0] += 3.0  # 3 s per step
+        if schedule.due(step, total_steps=10):
+            due.append(step)
+    # 4: 12 s since the start; 5: by steps; 9: 12 s since step 5; never at the last step (10,
+    # due by steps), when the final model is saved anyway
+    assert due == [4, 5, 9]
+    slow = CheckpointSchedule(save_steps=100, save_every_seconds=10.0, clock=lambda: now[0])
+    due = []
+    for step in range(1, 10):
+        now[0] += 4.0
+        if slow.due(step, total_steps=100):
+            due.append(step)
+    assert due == [3, 6, 9]  # 12 s since the last save each time
+    never = CheckpointSchedule(save_steps=0, save_every_seconds=0, clock=lambda: now[0])
+    now[0] += 1e6
+    assert not never.due(5, total_steps=10)
+
+
+def test_time_based_checkpoints_make_an_interrupted_run_resumable(llama, tmp_path, monkeypatch):
+    """save_steps 0 (never by steps) and a tiny save_every_seconds: a checkpoint after every step,
+    so a run interrupted during step 3 resumes from step 2 and ends where an uninterrupted one does."""
+    from prefgym.methods import sft
+
+    kw = dict(epochs=2, save_steps=0, save_every_seconds=1e-9)
+    whole = train_sft(_cfg(llama, tmp_path / "whole", **kw), RECORDS)
+    real_loss, calls = sft._response_loss_sum, []
+
+    def interrupt_in_step_3(model, batch):  # one forward per step (no accumulation)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(sft, "_response_loss_sum", interrupt_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(_cfg(llama, tmp_path / "cut", **kw), RECORDS)
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step_2"]
+    monkeypatch.setattr(sft, "_response_loss_sum", real_loss)
+    resumed = train_sft(_cfg(llama, tmp_path / "cut", **kw), RECORDS)
+    assert [r["step"] for r in _metrics(resumed)] == list(range(1, 7))
+    ref = _weights(whole)
+    assert all(torch.equal(ref[k], v) for k, v in _weights(resumed).items())
+
+    # by steps only, and no step a multiple of save_steps yet: no checkpoint
+    calls.clear()
+    monkeypatch.setattr(sft, "_response_loss_sum", interrupt_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(_cfg(llama, tmp_path / "none", epochs=2, save_steps=4, save_every_seconds=0), RECORDS)
+    assert not (tmp_path / "none" / "checkpoints").exists()
+
+
+def test_output_folder_made_with_other_settings_is_an_error(llama, tmp_path, capsys):
+    out = tmp_path / "sft"
+    train_sft(_cfg(llama, out, epochs=1), RECORDS)
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(ConfigError, match=r"other settings \(epochs: 1 -> 2; lr: 0.01 -> 0.02\).*--no-resume"):
+        train_sft(_cfg(llama, out, epochs=2, lr=0.02), RECORDS)
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp  # nothing touched
+    # settings that do not change the result (progress, checkpoint frequency) are not differences
+    assert train_sft(_cfg(llama, out, epochs=1, progress=True, save_steps=7), RECORDS) == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    # --no-resume starts over with the new settings
+    train_sft(_cfg(llama, out, epochs=2, lr=0.02, resume=False), RECORDS)
+    assert json.loads((out / "sft_config.json").read_text())["lr"] == 0.02
+    assert [r["step"] for r in _metrics(out)] == list(range(1, 7))
+    data = tmp_path / "demos.json"
+    data.write_text(json.dumps(RECORDS), encoding="utf-8")
+    argv = ["sft", "--model", str(llama), "--data", str(data), "--out", str(out), "--no-progress"]
+    assert main(argv + ["--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "epochs: 2 -> 3" in err and "train_file: None ->" in err

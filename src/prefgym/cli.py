@@ -6,9 +6,12 @@ so that this file stays a table of contents.
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import typer
+from typer import Abort
+from typer._click.exceptions import ClickException, UsageError  # typer bundles its own click
 
 from prefgym.errors import PrefgymError
 
@@ -37,46 +40,70 @@ def _build_app() -> typer.Typer:
 
 
 def _quiet_libraries() -> None:
-    """prefgym shows its own progress; keep the libraries' per-load bars and notices out of it."""
+    """prefgym shows its own progress; keep the libraries' per-load bars and notices out of it.
+
+    Through the environment only: importing transformers here would cost every command (and
+    `prefgym --help`) seconds; transformers reads these when a command imports it.
+    """
     import logging
     import os
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # = transformers' disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("accelerate").setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # transformers is a dependency; tolerate a broken install for --help
-        pass
+
+INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
+USAGE_ERROR = 2
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: runs the command; a PrefgymError prints one clear line and exits 2."""
+    """Entry point. Exit status: 0 done; 2 a problem the user can fix (a PrefgymError, a usage
+    error, an output that cannot be written), printed as one line; 130 interrupted (Ctrl-C)."""
     _build_app()
     _quiet_libraries()
     try:
-        app(args=argv, standalone_mode=False)
+        result = app(args=argv, standalone_mode=False)
     except PrefgymError as e:
-        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
-        return 2
-    except KeyboardInterrupt:
-        typer.secho("interrupted; rerun the same command to resume", err=True)
-        return 130
-    except typer.Exit as e:
-        return e.exit_code
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
+        return _fail(str(e))
+    except KeyboardInterrupt:  # raised outside a command (typer turns one inside into exit 130)
+        result = INTERRUPTED
+    except ClickException as e:  # typer's own copy of click: usage errors
+        if not e.format_message():  # no arguments: the help was printed
             return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
-            return 1
-        raise
-    return 0
+        where = f"; see '{e.ctx.command_path} --help'" if isinstance(e, UsageError) and e.ctx else ""
+        return _fail(f"{e.format_message()}{where}", e.exit_code)
+    except Abort:
+        result = INTERRUPTED
+    except OSError as e:  # disk full, read-only or forbidden folder outside prefgym's own writers
+        if e.errno not in _DISK_ERRNOS or e.filename is None:
+            raise
+        return _fail(f"{e.filename}: cannot write ({e.strerror})")
+    code = result if isinstance(result, int) and not isinstance(result, bool) else 0  # typer.Exit(n) -> n
+    if code == INTERRUPTED:
+        typer.secho("interrupted; rerun to resume", err=True)
+    return code
+
+
+def _fail(message: str, code: int = USAGE_ERROR) -> int:
+    typer.secho(f"error: {redact_secrets(message)}", err=True, fg=typer.colors.RED)
+    return code
+
+
+def redact_secrets(text: str) -> str:
+    """`text` with the value of every secret-looking environment variable (API keys, tokens,
+    passwords) replaced by `***`, so that error messages never print a credential."""
+    import os
+
+    for name, value in os.environ.items():
+        if len(value) >= 8 and any(word in name.upper() for word in _SECRET_WORDS):
+            text = text.replace(value, "***")
+    return text
+
+
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 
 
 if __name__ == "__main__":

@@ -25,3 +25,12 @@ class DataError(PrefgymError):
 
 class ConfigError(PrefgymError):
     """A bad configuration: unknown key, wrong type, missing value. Names the file and key."""
+
+
+class OutputError(PrefgymError):
+    """An output could not be written (disk full, no permission, a file where a folder should be)."""
+
+    def __init__(self, path, error: OSError):
+        self.path = path
+        reason = error.strerror or str(error)
+        super().__init__(f"{path}: cannot write ({reason}); nothing was written there")

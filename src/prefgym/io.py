@@ -9,24 +9,39 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
-from prefgym.errors import DataError
+from prefgym.errors import DataError, OutputError
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path next to `path`; move it onto `path` only if the block succeeds."""
+    """Yield a temporary path next to `path`; move it onto `path` only if the block succeeds.
+
+    An OSError while writing (disk full, no permission) becomes an OutputError naming `path`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise OutputError(path, e) from None
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are ordinary files
         os.replace(tmp, path)
+    except OSError as e:
+        _unlink_quietly(tmp)
+        raise OutputError(path, e) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink_quietly(tmp)
         raise
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -50,10 +65,13 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 def append_jsonl(path: str | os.PathLike, row: dict) -> None:
     """Append one JSON line (metrics logs); flushed so a crash loses at most this line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+    except OSError as e:
+        raise OutputError(path, e) from None
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
@@ -84,11 +102,15 @@ def read_records(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError as e:
             hint = " (the file looks truncated)" if e.pos >= len(text.rstrip()) - 1 else ""
             raise DataError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}{hint}", path=path) from None
-        if isinstance(rows, dict):
-            rows = [rows]
         if not isinstance(rows, list):
-            raise DataError("expected a JSON list of objects", path=path)
+            raise DataError(f"expected a list of records (a JSON array of objects), got a JSON "
+                            f"{_json_type(rows)}", path=path)
     for i, r in enumerate(rows):
         if not isinstance(r, dict):
             raise DataError(f"expected an object, got {type(r).__name__}", path=path, row=i)
     return rows
+
+
+def _json_type(value) -> str:
+    names = {dict: "object", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)

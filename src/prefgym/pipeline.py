@@ -55,29 +55,38 @@ class RunConfig:
     """Per-stage overrides of config fields, e.g. {ppo: {total_episodes: 512}}."""
 
 
+DATA_SPLITS = ("sft", "preference", "unlabeled", "val", "eval")
+STAGE_NAMES = ("sft", "preference_data", "reward_model", *ALL_METHODS, "evaluate")
+"""The keys of a run config's `stages:`, one per stage config (see `Pipeline.stages`)."""
+
+
 def load_run_config(path: str | Path | None, **overrides) -> RunConfig:
-    """Read a run config YAML (unknown keys are errors) and apply command-line overrides."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: cannot read run config: {e}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: a run config is a mapping of keys to values")
-        known = {f.name for f in dataclasses.fields(RunConfig)}
-        for key in values:
-            if key not in known:
-                raise ConfigError(f"{path}: unknown key '{key}' (known: {', '.join(sorted(known))})")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = RunConfig(**values)
+    """Read a run config YAML and apply command-line overrides (None: not given).
+
+    Checked whole here, before anything runs: unknown keys, wrong types (`seed: abc`), unknown
+    methods, scales, data splits and stage names. The keys and types under each stage are checked
+    against that stage's config when the plan is made (`Pipeline.stages`), also before any stage.
+    """
+    from prefgym.methods.common import load_config
+
+    cfg = load_config(RunConfig, path, overrides, where="run config")
+    where = str(path) if path is not None else "run config"
     cfg.out_dir = cfg.out_dir or f"prefgym-runs/{cfg.scale}"
     unknown = [m for m in cfg.methods if m not in ALL_METHODS]
     if unknown:
-        raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+        raise ConfigError(f"{where}: unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
     if cfg.scale not in ("tiny", "quick", "default"):
-        raise ConfigError(f"unknown scale '{cfg.scale}'; choose quick or default")
+        raise ConfigError(f"{where}: unknown scale '{cfg.scale}'; choose quick or default")
+    for split, source in cfg.data.items():
+        if split not in DATA_SPLITS:
+            raise ConfigError(f"{where}: data: unknown split '{split}' (splits: {', '.join(DATA_SPLITS)})")
+        if not isinstance(source, str):
+            raise ConfigError(f"{where}: data.{split} should be a file or dataset name, got {source!r}")
+    for stage, values in cfg.stages.items():
+        if stage not in STAGE_NAMES:
+            raise ConfigError(f"{where}: stages: unknown stage '{stage}' (stages: {', '.join(STAGE_NAMES)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: stages.{stage} should be a mapping of config keys to values, got {values!r}")
     return cfg
 
 
@@ -89,35 +98,127 @@ class Stage:
     """Expected share of the run's time, used for the time-left estimate."""
     always: bool = False
     """Run even when done before (cheap stages that depend on which stages ran, e.g. the report)."""
+    settings: dict[str, Any] | None = None
+    """What determines the stage's result besides the stages it depends on (its resolved config)."""
+    after: tuple[str, ...] = ()
+    """Earlier stages whose results it uses: their fingerprints are part of its own."""
+    outputs: tuple[Path, ...] = ()
+    """What it writes that must go before it runs again (folders or files)."""
 
 
-def run_stages(stages: list[Stage], out_dir: Path, console=None) -> dict[str, float]:
-    """Run stages in order, skipping those already done; show which runs and how long is left."""
+def run_stages(stages: list[Stage], out_dir: Path, console=None, overwrite: bool = False) -> dict[str, float]:
+    """Run stages in order, skipping those already done; show which runs and how long is left.
+
+    Every stage is checked before the first runs (`plan_stages`): one done with other settings
+    is an error, unless `overwrite`, which runs it again with the stages that depend on it.
+    """
     from rich.console import Console
 
     console = console or Console(stderr=True)
+    plan, fingerprints = plan_stages(stages, out_dir, overwrite)
     timings_path = out_dir / "timings.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     remaining = sum(s.weight for s in stages)
     ran_weight, ran_seconds = 0.0, 0.0  # stages run in this invocation, for the time-left estimate
     for i, stage in enumerate(stages):
-        marker = out_dir / ".done" / stage.name
-        if marker.exists() and not stage.always:
+        if plan[stage.name] == "skip":
             console.print(f"[dim]stage {i + 1}/{len(stages)} {stage.name}: done already, skipped[/dim]")
             remaining -= stage.weight
             continue
+        if plan[stage.name] == "redo":
+            console.print(f"[yellow]stage {stage.name}: its settings or inputs changed; running it again[/yellow]")
+            _remove(stage.outputs)
+            _record_path(out_dir, stage.name).unlink()
         eta = f", about {_fmt(ran_seconds / ran_weight * remaining)} left" if ran_weight > 0 else ""
         console.rule(f"[bold]stage {i + 1}/{len(stages)}: {stage.name}[/bold]{eta}")
         t0 = time.time()
         stage.run()
         timings[stage.name] = round(time.time() - t0, 2)
         write_json(timings_path, timings)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"{timings[stage.name]}\n")
+        write_json(_record_path(out_dir, stage.name), {
+            "seconds": timings[stage.name], "fingerprint": fingerprints[stage.name], "settings": stage.settings,
+            "after": {name: fingerprints[name] for name in stage.after}})
         ran_weight += stage.weight
         ran_seconds += timings[stage.name]
         remaining -= stage.weight
     return timings
+
+
+def plan_stages(stages: list[Stage], out_dir: Path, overwrite: bool = False) -> tuple[dict[str, str], dict[str, str]]:
+    """What to do with each stage, decided before any runs, and each stage's fingerprint.
+
+    A stage's fingerprint is a hash of its settings and of the fingerprints of the stages it
+    depends on; `.done/<stage>` records it when the stage ends. Actions: "run" (never done, or
+    `always`), "skip" (done with this fingerprint), "redo" (done, but what it depends on changed:
+    a method added to the evaluation, a stage run again; or its own settings changed and
+    `overwrite`). A stage done with other settings raises ConfigError naming the stage and
+    the differing settings.
+    """
+    plan: dict[str, str] = {}
+    fingerprints: dict[str, str] = {}
+    for stage in stages:
+        settings = _as_json(stage.settings)
+        fingerprints[stage.name] = stable_fingerprint(
+            {"settings": settings, "after": {name: fingerprints[name] for name in stage.after}})
+        record = _read_record(out_dir, stage.name)
+        if record is None or stage.always:
+            plan[stage.name] = "run"
+        elif stage.settings is None or record.get("fingerprint") == fingerprints[stage.name]:
+            plan[stage.name] = "skip"
+        elif record.get("settings") == settings or overwrite:
+            plan[stage.name] = "redo"
+        else:
+            raise ConfigError(_changed_settings_message(out_dir, stage.name, record.get("settings"), settings))
+    return plan, fingerprints
+
+
+def stable_fingerprint(values: Any) -> str:
+    """A short hash of JSON-able values, independent of key order."""
+    import hashlib
+
+    text = json.dumps(values, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _as_json(values: Any) -> Any:
+    return json.loads(json.dumps(values, default=str))  # as read back from a record: tuples as lists
+
+
+def _record_path(out_dir: Path, stage: str) -> Path:
+    return out_dir / ".done" / stage
+
+
+def _read_record(out_dir: Path, stage: str) -> dict | None:
+    """The record of a done stage; {} for a marker without one (written by an older prefgym)."""
+    path = _record_path(out_dir, stage)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _changed_settings_message(out_dir: Path, stage: str, old: dict | None, new: dict) -> str:
+    from prefgym.methods.common import config_diff
+
+    if isinstance(old, dict):
+        what = f"was made with other settings ({'; '.join(config_diff(old, new, ignore=()))})"
+    else:
+        what = "was made by an older prefgym that did not record its settings"
+    return (f"{out_dir}: stage {stage} {what}. Rerun with --overwrite to redo it and the stages that "
+            "depend on it, or choose another --out")
+
+
+def _remove(paths) -> None:
+    import shutil
+
+    for path in paths:
+        if Path(path).is_dir():
+            shutil.rmtree(path)
+        else:
+            Path(path).unlink(missing_ok=True)
 
 
 def _fmt(seconds: float) -> str:
@@ -131,7 +232,7 @@ _FINETUNE = {"lr": 2e-4, "epochs": 2, "per_device_batch_size": 16, "max_length":
 SCALE_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     # default: the whole loop in about 10 minutes on 2 CPU cores (settings tuned on the world)
     "default": {
-        "sft": {"epochs": 10, "lr": 2e-3, "per_device_batch_size": 16, "max_length": 256, "save_steps": 400},
+        "sft": {"epochs": 10, "lr": 2e-3, "per_device_batch_size": 16, "max_length": 256, "save_steps": 100},
         "preference_data": {"num_samples": 4, "pairs_per_instruction": 2, "temperature": 1.0,
                             "max_new_tokens": 64, "batch_size": 64},
         "reward_model": {"epochs": 2, "lr": 3e-4, "per_device_batch_size": 16, "max_length": 256},
@@ -193,13 +294,20 @@ class Pipeline:
         return values
 
     def make_config(self, cls, stage: str, **fixed):
-        values = self.settings(stage, **fixed)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"stages.{stage}: unknown key(s) {unknown} for {cls.__name__} "
-                              f"(known: {', '.join(sorted(known))})")
-        return cls(**values)
+        """The config of `stage`: its settings checked against `cls` (unknown keys, wrong types)."""
+        from prefgym.methods.common import load_config
+
+        return load_config(cls, None, self.settings(stage, **fixed), where=f"stages.{stage}")
+
+    def fingerprint_settings(self, config) -> dict[str, Any]:
+        """What of a stage config decides its result: every field but how the run is carried out
+        or shown (progress, checkpoint frequency, resume), paths inside the run folder relative to it."""
+        from prefgym.methods.common import RESULT_NEUTRAL_KEYS
+
+        values = config if isinstance(config, dict) else dataclasses.asdict(config)
+        inside = str(self.out) + "/"
+        return {k: f"<run>/{v[len(inside):]}" if isinstance(v, str) and v.startswith(inside) else v
+                for k, v in values.items() if k not in RESULT_NEUTRAL_KEYS}
 
     def split(self, name: str) -> str:
         """Path (or dataset name) of a data split."""
@@ -234,77 +342,84 @@ class Pipeline:
 
             build_world(self.world, scale=self.cfg.scale, seed=self.cfg.seed)
 
-    def sft(self) -> None:
-        from prefgym.methods.sft import SFTConfig, train_sft
+    def sft_config(self):
+        from prefgym.methods.sft import SFTConfig
 
-        train_sft(self.make_config(SFTConfig, "sft", model_name_or_path=self.base_model,
-                                   train_file=self.split("sft"), output_dir=str(self.out / "sft"),
-                                   seed=self.cfg.seed))
+        return self.make_config(SFTConfig, "sft", model_name_or_path=self.base_model, train_file=self.split("sft"),
+                                output_dir=str(self.out / "sft"), seed=self.cfg.seed)
 
-    def preference_data(self, annotators: str, tag: str) -> None:
-        from prefgym.methods.preference_data import PreferenceDataConfig, run
+    def preference_data_config(self, annotators: str, tag: str):
+        from prefgym.methods.preference_data import PreferenceDataConfig
 
-        run(self.make_config(PreferenceDataConfig, "preference_data", policy_model=str(self.out / "sft"),
-                             prompt_file=self.split("preference"), annotators=annotators,
-                             output_dir=str(self.out / tag / "preference"), seed=self.cfg.seed))
+        return self.make_config(PreferenceDataConfig, "preference_data", policy_model=str(self.out / "sft"),
+                                prompt_file=self.split("preference"), annotators=annotators,
+                                output_dir=str(self.out / tag / "preference"), seed=self.cfg.seed)
 
     def pairs_file(self, tag: str) -> str:
         return str(self.out / tag / "preference" / "preferences.json")
 
-    def reward_model(self, tag: str) -> None:
-        from prefgym.methods.reward_model import RewardModelConfig, train
+    def reward_model_config(self, tag: str):
+        from prefgym.methods.reward_model import RewardModelConfig
 
-        train(self.make_config(RewardModelConfig, "reward_model", model_name_or_path=str(self.out / "sft"),
-                               preference_file=self.pairs_file(tag),
-                               output_dir=str(self.out / tag / "reward_model"), seed=self.cfg.seed))
+        return self.make_config(RewardModelConfig, "reward_model", model_name_or_path=str(self.out / "sft"),
+                                preference_file=self.pairs_file(tag),
+                                output_dir=str(self.out / tag / "reward_model"), seed=self.cfg.seed)
 
-    def method(self, name: str, tag: str) -> None:
-        """Train (or run) one method; its result lands in `<tag>/methods/<name>`."""
+    def method_config(self, name: str, tag: str):
+        """The config of one method trained on `tag`'s pairs; its result lands in `<tag>/methods/<name>`."""
         from prefgym.methods import (best_of_n, dpo, expert_iteration, feedme, ppo, quark,
                                      reward_conditioning)
 
         sft, rm, out = str(self.out / "sft"), str(self.out / tag / "reward_model"), self.out / tag / "methods" / name
-        pairs, seed = self.pairs_file(tag), self.cfg.seed
-        if name == "ppo":
-            ppo.train(self.make_config(ppo.PPOConfig, name, policy_model=sft, reward_model=rm,
-                                       prompt_file=self.split("unlabeled"), output_dir=str(out), seed=seed))
-        elif name == "dpo":
-            dpo.train(self.make_config(dpo.DPOConfig, name, model_name_or_path=sft, preference_file=pairs,
-                                       output_dir=str(out), seed=seed))
-        elif name == "best_of_n":
+        pairs, unlabeled = self.pairs_file(tag), self.split("unlabeled")
+        cls, paths = {
+            "ppo": (ppo.PPOConfig, dict(policy_model=sft, reward_model=rm, prompt_file=unlabeled)),
+            "dpo": (dpo.DPOConfig, dict(model_name_or_path=sft, preference_file=pairs)),
             # an inference-time method: its "result" is its outputs on the evaluation set
-            best_of_n.run(self.make_config(best_of_n.BestOfNConfig, name, policy_model=sft, reward_model=rm,
-                                           data=self.split("eval"), output_file=str(out / "model_outputs.json"),
-                                           generator="best_of_n", seed=seed))
-        elif name == "expert_iteration":
-            expert_iteration.train(self.make_config(
-                expert_iteration.ExpertIterationConfig, name, model_name_or_path=sft, reward_model=rm,
-                prompts_file=self.split("unlabeled"), output_dir=str(out), seed=seed))
-        elif name == "quark":
-            quark.train(self.make_config(quark.QuarkConfig, name, policy_model=sft, reward_model=rm,
-                                         prompts_file=self.split("unlabeled"), output_dir=str(out), seed=seed))
-        elif name == "feedme":
-            feedme.train(self.make_config(feedme.FeedMEConfig, name, model_name_or_path=sft,
-                                          preference_file=pairs, output_dir=str(out), seed=seed))
-        elif name == "reward_conditioning":
-            reward_conditioning.train(self.make_config(
-                reward_conditioning.RewardConditioningConfig, name, model_name_or_path=sft,
-                preference_file=pairs, output_dir=str(out), seed=seed))
+            "best_of_n": (best_of_n.BestOfNConfig, dict(policy_model=sft, reward_model=rm, data=self.split("eval"),
+                                                        output_file=str(out / "model_outputs.json"),
+                                                        generator="best_of_n")),
+            "expert_iteration": (expert_iteration.ExpertIterationConfig,
+                                 dict(model_name_or_path=sft, reward_model=rm, prompts_file=unlabeled)),
+            "quark": (quark.QuarkConfig, dict(policy_model=sft, reward_model=rm, prompts_file=unlabeled)),
+            "feedme": (feedme.FeedMEConfig, dict(model_name_or_path=sft, preference_file=pairs)),
+            "reward_conditioning": (reward_conditioning.RewardConditioningConfig,
+                                    dict(model_name_or_path=sft, preference_file=pairs)),
+        }[name]
+        if name != "best_of_n":
+            paths["output_dir"] = str(out)
+        return self.make_config(cls, name, **paths, seed=self.cfg.seed)
+
+    @staticmethod
+    def train_method(name: str, config) -> None:
+        from prefgym.methods import (best_of_n, dpo, expert_iteration, feedme, ppo, quark,
+                                     reward_conditioning)
+
+        {"ppo": ppo.train, "dpo": dpo.train, "best_of_n": best_of_n.run, "expert_iteration": expert_iteration.train,
+         "quark": quark.train, "feedme": feedme.train, "reward_conditioning": reward_conditioning.train}[name](config)
 
     def outputs(self, generator: str, model_dir: Path | None, tag: str, eval_records: list[dict]) -> list[dict]:
-        """Eval-set outputs of one generator (generated once, cached in the run folder)."""
+        """Eval-set outputs of one generator (generated once, cached in the run folder).
+
+        The cache is reused only for the same model (its stage's fingerprint) and decoding.
+        """
         from prefgym.io import read_records, write_json
         from prefgym.methods.reward_conditioning import generate_conditioned_outputs
 
         if generator == "reference":
             return [{**r, "generator": "reference"} for r in eval_records]
+        if generator == "best_of_n":  # an inference-time method: its stage wrote its outputs
+            return read_records(self.out / tag / "methods" / "best_of_n" / "model_outputs.json")
         path = self.out / tag / "eval" / generator / "model_outputs.json"
-        if generator == "best_of_n":
-            path = self.out / tag / "methods" / "best_of_n" / "model_outputs.json"
-        if not path.exists():
+        stage = "sft" if generator == "sft" else f"{tag}/{generator}"
+        key = _as_json({"model": (_read_record(self.out, stage) or {}).get("fingerprint"),
+                        "sampling": self.fingerprint_settings(self.sampling())})
+        key_file = path.with_name("outputs_key.json")
+        if not (path.exists() and key_file.exists() and json.loads(key_file.read_text()) == key):
             rows = generate_conditioned_outputs(model_dir, eval_records, self.sampling(), generator=generator,
                                                 progress=True)
             write_json(path, rows)
+            write_json(key_file, key)
         return read_records(path)
 
     def evaluate(self, tag: str, annotators: dict[str, str]) -> None:
@@ -355,6 +470,10 @@ class Pipeline:
             result, _ = evaluate_outputs(outputs, eval_records, annotators=pool, seed=self.cfg.seed,
                                          cache_dir=str(self.out / "annotator_cache"))
             point.update(win_rate=result["win_rate"], standard_error=result["standard_error"])
+            if self.cfg.human_annotators:  # the report plots human and gold win-rate against the proxy reward
+                h, _ = evaluate_outputs(outputs, eval_records, annotators=self.cfg.human_annotators,
+                                        seed=self.cfg.seed, cache_dir=str(self.out / "annotator_cache"))
+                point.update(human_win_rate=h["win_rate"], human_standard_error=h["standard_error"])
             if self.has_gold:
                 g = gold_win_rate(outputs, eval_records)
                 point.update(gold_win_rate=g["win_rate"], gold_standard_error=g["standard_error"])
@@ -365,8 +484,8 @@ class Pipeline:
         """leaderboard.csv / leaderboard.md / report.html from the evaluation results."""
         import pandas as pd
 
-        from prefgym.evaluation import (plot_leaderboard, plot_sim_vs_human, plot_training_curves,
-                                        rank_correlation, render_report_html)
+        from prefgym.evaluation import rank_correlation
+        from prefgym.evaluation import report as run_report
         from prefgym.io import read_records, write_json, write_text_atomic
 
         rows = read_records(self.out / "sim" / "eval" / "results.json")
@@ -375,89 +494,122 @@ class Pipeline:
         front = ["win_rate", "standard_error", "n_wins", "n_wins_base", "n_draws", "n_total", "avg_length",
                  "discrete_win_rate", "length_controlled_winrate"]
         table = table[[c for c in front if c in table] + [c for c in table if c not in front]]
-        with_csv = self.out / "leaderboard.csv"
-        write_text_atomic(with_csv, table.to_csv())
-        write_text_atomic(self.out / "leaderboard.md", self._markdown(rows))
-        figures = {"Leaderboard: win-rate against the reference (evaluation annotators, ± 1.96 SE)":
-                   plot_leaderboard(rows, self.out / "figures" / "leaderboard.png")}
-        if "human_win_rate" in table:
-            figures["Win-rate judged by the simulated humans (± 1.96 SE)"] = plot_leaderboard(
-                rows, self.out / "figures" / "leaderboard_human.png", metric="human_win_rate",
-                error="human_standard_error")
+        write_text_atomic(self.out / "leaderboard.csv", table.to_csv())
+        timings = self.out / "timings.json"
+        facts = run_report.run_facts(dataclasses.asdict(self.cfg), n_eval=len(self.records("eval")),
+                                     on_world=self.on_world, has_gold=self.has_gold,
+                                     stage_times=json.loads(timings.read_text()) if timings.exists() else {})
+
+        def pool_annotations(generator: str) -> list[dict] | None:  # for paired comparisons
+            path = self.out / "sim" / "eval" / generator / "annotations_pool.json"
+            return read_records(path) if path.exists() else None
+
+        notes = run_report.noise_notes(run_report.split_reference(rows)[0], pool_annotations, seed=self.cfg.seed)
+        write_text_atomic(self.out / "leaderboard.md", self._markdown(rows, facts, notes))
         ppo_metrics = self.out / "sim" / "methods" / "ppo" / "metrics.jsonl"
-        if ppo_metrics.exists():
-            figures["PPO: reward, KL and win-rate over training steps"] = plot_training_curves(
-                self._ppo_curve_records(ppo_metrics), self.out / "figures" / "ppo_training.png")
+        validation = None
         if self.cfg.validate and (self.out / "human" / "eval" / "results.json").exists():
             human_rows = read_records(self.out / "human" / "eval" / "results.json")
             sim = {r["generator"]: r["win_rate"] for r in rows if r["generator"] != "reference"}
             hum = {r["generator"]: r["human_win_rate"] for r in human_rows if r["generator"] != "reference"}
-            corr = rank_correlation(sim, hum)
-            write_json(self.out / "validation.json", {"simulated": sim, "human": hum, **corr})
-            figures[f"Simulated vs human ranking of methods (Spearman {corr['spearman']:.2f}, "
-                    f"Pearson {corr['pearson']:.2f})"] = plot_sim_vs_human(
-                sim, hum, self.out / "figures" / "sim_vs_human.png")
-        render_report_html(rows, figures, self.out / "report.html", title="prefgym run report")
+            validation = {"simulated": sim, "human": hum, **rank_correlation(sim, hum)}
+            write_json(self.out / "validation.json", validation)
+        figures = run_report.write_figures(
+            self.out / "figures", rows, facts, self._ppo_curve_records(ppo_metrics) if ppo_metrics.exists() else [],
+            validation)
+        write_text_atomic(self.out / "report.html", run_report.render_html(rows, facts, notes, figures))
 
     def _ppo_curve_records(self, metrics_path: Path) -> list[dict]:
+        """PPO's metrics per step joined with its evaluated snapshots (`sim/eval/ppo_curve.json`)."""
+        from prefgym.evaluation.report import ppo_curve_records
         from prefgym.io import read_records
 
-        records = [{**r, "reward": r.get("score")} for r in read_records(metrics_path) if "step" in r]
         curve = self.out / "sim" / "eval" / "ppo_curve.json"
-        if curve.exists():
-            by_step = {r["step"]: r for r in read_records(curve)}
-            if 0 in by_step:  # the SFT policy, before the first step
-                records.insert(0, {"step": 0, "reward": None, "kl": 0.0})
-            for r in records:
-                if r.get("step") in by_step:
-                    r.update(win_rate=by_step[r["step"]]["win_rate"], win_rate_se=by_step[r["step"]]["standard_error"])
-        return records
+        return ppo_curve_records(read_records(metrics_path), read_records(curve) if curve.exists() else [])
 
     @staticmethod
-    def _markdown(rows: list[dict]) -> str:
-        has_h = any("human_win_rate" in r for r in rows)
-        has_g = any("gold_win_rate" in r for r in rows)
-        head = "| generator | win-rate (pool) |" + (" win-rate (humans) |" if has_h else "") + \
-               (" gold win-rate |" if has_g else "") + " avg length |\n"
-        head += "|---|---:|" + ("---:|" if has_h else "") + ("---:|" if has_g else "") + "---:|\n"
-        lines = []
-        for r in rows:
-            line = f"| {r['generator']} | {r['win_rate']:.1f} ± {r['standard_error']:.1f} |"
-            if has_h:
-                line += f" {r.get('human_win_rate', float('nan')):.1f} ± {r.get('human_standard_error', float('nan')):.1f} |"
-            if has_g:
-                line += f" {r.get('gold_win_rate', float('nan')):.1f} ± {r.get('gold_standard_error', float('nan')):.1f} |"
-            lines.append(line + f" {r.get('avg_length', 0)} |")
-        return head + "\n".join(lines) + "\n"
+    def _markdown(rows: list[dict], facts: dict, notes: list[str]) -> str:
+        from prefgym.evaluation.report import markdown_leaderboard
+
+        return markdown_leaderboard(rows, facts, notes)
 
     # --- the plan ----------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
-        cfg = self.cfg
+        """The plan: every stage with its config, built (and so checked) before any stage runs."""
+        from prefgym.methods.preference_data import run as preference_data
+        from prefgym.methods.reward_model import train as reward_model
+        from prefgym.methods.sft import train_sft
+
+        cfg, out = self.cfg, self.out
+        self.check_stage_sections()
         eval_pools = {"pool": cfg.eval_annotators}
         if cfg.human_annotators:
             eval_pools["human"] = cfg.human_annotators
-        plan = [Stage("world", self.build_world, 1), Stage("sft", self.sft, 2)]
         tags = [("sim", cfg.train_annotators)]
         if cfg.validate and cfg.human_annotators:
             tags.append(("human", cfg.human_annotators))
         weights = {"ppo": 4, "best_of_n": 1, "expert_iteration": 2, "quark": 3, "feedme": 1,
                    "reward_conditioning": 1, "dpo": 1}
+        settings = self.fingerprint_settings
+        sft = self.sft_config()
+        plan = [Stage("world", self.build_world, 1, settings=self.world_settings(), outputs=self.world_outputs()),
+                Stage("sft", lambda: train_sft(sft), 2, settings=settings(sft), after=("world",),
+                      outputs=(out / "sft",))]
         for tag, pool in tags:
-            plan.append(Stage(f"{tag}/preference_data", lambda t=tag, p=pool: self.preference_data(p, t), 1))
-            plan.append(Stage(f"{tag}/reward_model", lambda t=tag: self.reward_model(t), 1))
+            pairs, rm = self.preference_data_config(pool, tag), self.reward_model_config(tag)
+            plan.append(Stage(f"{tag}/preference_data", lambda c=pairs: preference_data(c), 1, settings=settings(pairs),
+                              after=("sft",), outputs=(out / tag / "preference",)))
+            plan.append(Stage(f"{tag}/reward_model", lambda c=rm: reward_model(c), 1, settings=settings(rm),
+                              after=("sft", f"{tag}/preference_data"), outputs=(out / tag / "reward_model",)))
             for name in cfg.methods:
-                plan.append(Stage(f"{tag}/{name}", lambda n=name, t=tag: self.method(n, t), weights[name]))
+                method = self.method_config(name, tag)
+                plan.append(Stage(f"{tag}/{name}", lambda n=name, c=method: self.train_method(n, c), weights[name],
+                                  settings=settings(method),
+                                  after=("sft", f"{tag}/preference_data", f"{tag}/reward_model"),
+                                  outputs=(out / tag / "methods" / name,)))
             pools = eval_pools if tag == "sim" else {"human": cfg.human_annotators}
-            plan.append(Stage(f"{tag}/evaluate", lambda t=tag, p=pools: self.evaluate(t, p), 3))
+            plan.append(Stage(f"{tag}/evaluate", lambda t=tag, p=pools: self.evaluate(t, p), 3,
+                              settings={"annotators": pools, "sampling": settings(self.sampling()),
+                                        "eval_data": settings({"split": self.split("eval")})["split"],
+                                        "gold": self.has_gold},
+                              after=("sft", *[f"{tag}/{name}" for name in cfg.methods])))
         plan.append(Stage("report", self.report, 0.5, always=True))
         return plan
 
+    def check_stage_sections(self) -> None:
+        """Every section of the run config's `stages:` against its config, also those of methods
+        this run leaves out (a mistake there is still a mistake)."""
+        builders = {"sft": self.sft_config, "evaluate": self.sampling,
+                    "reward_model": lambda: self.reward_model_config("sim"),
+                    "preference_data": lambda: self.preference_data_config(self.cfg.train_annotators, "sim")}
+        for stage in self.cfg.stages:
+            if stage in builders:
+                builders[stage]()
+            else:
+                self.method_config(stage, "sim")
 
-def run(cfg: RunConfig) -> Path:
-    """Run (or resume) the whole pipeline; returns the run folder."""
+    def world_settings(self) -> dict[str, Any]:
+        if self.cfg.world_dir is not None:
+            return {"world_dir": str(Path(self.cfg.world_dir).resolve())}
+        if self.cfg.data and self.cfg.base_model:
+            return {}  # no world: real data and model
+        return {"scale": self.cfg.scale, "seed": self.cfg.seed}
+
+    def world_outputs(self) -> tuple[Path, ...]:
+        """The world folder when this run builds it (never a world given with world_dir)."""
+        return (self.world,) if self.world_settings().keys() == {"scale", "seed"} else ()
+
+
+def run(cfg: RunConfig, overwrite: bool = False) -> Path:
+    """Run (or resume) the whole pipeline; returns the run folder.
+
+    Every stage's config is built and checked, and every stage already done in the folder is
+    checked against it, before the first stage runs (see `plan_stages`).
+    """
     out = Path(cfg.out_dir)
+    stages = Pipeline(cfg).stages()
+    plan_stages(stages, out, overwrite)  # fail now, not ten minutes in
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "run_config.json", dataclasses.asdict(cfg))
-    pipeline = Pipeline(cfg)
-    run_stages(pipeline.stages(), out)
+    run_stages(stages, out, overwrite=overwrite)
     return out

@@ -19,18 +19,24 @@ def add_commands(app: typer.Typer) -> None:
                                       help="Also train on the simulated humans' preferences and report the "
                                            "rank correlation of methods between simulated and human feedback."),
         methods: Optional[str] = typer.Option(None, help="Comma-separated subset of methods to run."),
+        overwrite: bool = typer.Option(False, "--overwrite",
+                                       help="Redo the stages of the run folder made with other settings "
+                                            "(and those that depend on them) instead of stopping."),
     ) -> None:
         """Run the whole AlpacaFarm loop: world → SFT → pairs → reward model → every method → evaluation.
 
         Reads: the built-in world (built on demand) or the data/models/judges of --config.
         Writes into the run folder: one sub-folder per stage, leaderboard.csv, leaderboard.md,
-        report.html. Rerunning the same command resumes at the first unfinished stage.
+        report.html. Rerunning the same command resumes at the first unfinished stage; each stage
+        records a fingerprint of its settings, and a stage done with other settings (seed,
+        scale, config) stops the run before anything runs, naming the stage and the settings
+        (--overwrite redoes it). Adding methods or --validate adds stages to the folder.
         """
         from prefgym.pipeline import load_run_config, run
 
         cfg = load_run_config(config, scale=scale, seed=seed, out_dir=str(out) if out else None,
                               validate=validate or None,
                               methods=methods.split(",") if methods else None)
-        folder = run(cfg)
+        folder = run(cfg, overwrite=overwrite)
         typer.echo((folder / "leaderboard.md").read_text())
         typer.echo(f"wrote {folder / 'leaderboard.csv'}, {folder / 'leaderboard.md'}, {folder / 'report.html'}")

@@ -1,23 +1,18 @@
-"""`prefgym` sub-commands for the learning methods (one per method module)."""
+"""`prefgym` sub-commands for the learning methods (one per method module).
+
+The method modules import torch and transformers; their commands are registered lazily (see
+`prefgym.lazy_commands`) so that `prefgym --help` does not pay for those imports.
+"""
 
 import typer
+
+from prefgym.lazy_commands import add_lazy_commands
+
+METHOD_MODULES = [f"prefgym.methods.{name}" for name in (
+    "sft", "preference_data", "reward_model", "ppo", "best_of_n", "expert_iteration", "quark",
+    "feedme", "reward_conditioning", "dpo")]
 
 
 def add_commands(app: typer.Typer) -> None:
     """Add every method's sub-command(s) to the `prefgym` app."""
-    from prefgym.methods import (
-        best_of_n,
-        dpo,
-        expert_iteration,
-        feedme,
-        ppo,
-        preference_data,
-        quark,
-        reward_conditioning,
-        reward_model,
-        sft,
-    )
-
-    for module in (sft, preference_data, reward_model, ppo, best_of_n, expert_iteration, quark,
-                   feedme, reward_conditioning, dpo):
-        module.add_commands(app)
+    add_lazy_commands(app, METHOD_MODULES)

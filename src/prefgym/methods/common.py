@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import types
 import typing
 from contextlib import nullcontext
@@ -26,6 +27,7 @@ import yaml
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from prefgym.errors import ConfigError, DataError
+from prefgym.models import generation
 from prefgym.io import write_json
 
 # ---------------------------------------------------------------------------------------------
@@ -43,19 +45,22 @@ def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
-def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None):
+def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                where: str = "config"):
     """Build the dataclass `cls` from a YAML file and/or a dict of overrides (overrides win).
 
-    Unknown keys and values of the wrong type raise ConfigError naming the file and the key.
+    Unknown keys and values of the wrong type raise ConfigError naming the file (or `where`,
+    e.g. "run.yaml: stages.sft") and the key.
     """
     values: dict[str, Any] = {}
-    where = "config"
     if path is not None:
         where = str(path)
         try:
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(loaded, dict):
@@ -95,13 +100,68 @@ def _coerce(value, hint, where: str, key: str):
             return str(value)
         if typing.get_origin(t) in (list, tuple) and isinstance(value, (list, tuple)):
             return list(value)
+        if (t is dict or typing.get_origin(t) is dict) and isinstance(value, dict):
+            return value
         if t is Any:
             return value
-    raise ConfigError(f"{where}: key '{key}' should be {hint}, got {value!r}")
+    raise ConfigError(f"{where}: key '{key}' should be {type_name(hint)}, got {value!r}")
+
+
+def type_name(hint) -> str:
+    """A type as a user writes it: `int`, `str or None`, `list[str]` (not `<class 'int'>`)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(type_name(t) for t in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if isinstance(hint, type) and not typing.get_args(hint):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
 
 
 def save_config(cfg, path: str | Path) -> None:
     write_json(path, dataclasses.asdict(cfg))
+
+
+RESULT_NEUTRAL_KEYS = frozenset({"output_dir", "resume", "progress", "save_steps", "save_every_seconds",
+                                 "logging_steps"})
+"""Config fields that change how a run is carried out or shown, not what it computes."""
+
+
+def config_diff(old: dict, new: dict, ignore=RESULT_NEUTRAL_KEYS) -> list[str]:
+    """`key: old -> new` for each key (outside `ignore`) whose value differs; nested dicts as
+    dotted keys, a key on one side only as `(absent)`."""
+    old, new = _flatten(old), _flatten(new)
+    absent = "(absent)"
+    return [f"{key}: {old.get(key, absent)!r} -> {new.get(key, absent)!r}".replace(f"'{absent}'", absent)
+            for key in sorted(old.keys() | new.keys())
+            if key.split(".")[-1] not in ignore and old.get(key, absent) != new.get(key, absent)]
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_output_dir(cfg, config_file: str | Path) -> None:
+    """Before training into a folder: the config an earlier run saved there (`config_file`) must
+    match `cfg` on every field that changes the result, or the run would resume (or return) a
+    model trained with other settings. ConfigError naming the folder and the differing keys;
+    nothing to check when `cfg.resume` is False (the run starts over) or the folder is new.
+    """
+    path = Path(config_file)
+    if not cfg.resume or not path.exists():
+        return
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    new = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as saved: tuples as lists
+    diff = config_diff({k: v for k, v in saved.items() if k in new}, {k: v for k, v in new.items() if k in saved})
+    if diff:
+        raise ConfigError(f"{path.parent} holds a run made with other settings ({'; '.join(diff)}); "
+                          "rerun with --no-resume to start over there, or choose another output folder")
 
 
 def load_split(source: str | Path, required: Sequence[str]) -> list[dict]:
@@ -128,10 +188,16 @@ def load_tokenizer(path: str | Path):
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """RLHF needs the same log-probs at sampling and at training time: turn dropout off."""
+    """Turn dropout off everywhere: the same log-probs / scores in train mode as in eval mode.
+
+    As TRL's `disable_dropout_in_model` (every `nn.Dropout` gets p = 0), plus the attention dropout
+    that Llama-family models apply functionally (`attention_dropout`, not an `nn.Dropout` module).
+    """
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def apply_lora(model, cfg, task_type: str):
@@ -201,17 +267,73 @@ def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+LOGSOFTMAX_CHUNK_ELEMENTS = 2**22
+"""Logits per fp32 chunk in `token_logprobs` / `token_entropy` (16 MiB): at most this many are
+converted to fp32 at once, so a 128k vocabulary never holds an fp32 (B, T, V) copy of the logits."""
+
+
+def _time_slices(logits: torch.Tensor, end: int) -> list[slice]:
+    """Slices of positions 0 .. end-1 holding about LOGSOFTMAX_CHUNK_ELEMENTS logits each (at least one step)."""
+    B, _, V = logits.shape
+    step = max(1, LOGSOFTMAX_CHUNK_ELEMENTS // max(1, B * V))
+    return [slice(t, min(t + step, end)) for t in range(0, end, step)]
+
+
+def _next(s: slice) -> slice:
+    """The positions of the tokens that the logits at positions `s` predict."""
+    return slice(s.start + 1, s.stop + 1)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """`token_logprobs`, one time-slice of the logits at a time.
+
+    Forward and backward convert only a slice of the logits to fp32; backward recomputes the
+    slice's log-softmax instead of keeping it, and writes the gradient (onehot - softmax) * g / T
+    straight into one tensor of the logits' shape and dtype: the operations autograd runs through
+    `log_softmax(logits.float() / T).gather(...)`, so the same values and gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, input_ids, temperature):  # (B, T, V), (B, T) -> (B, T) fp32
+        ctx.save_for_backward(logits, input_ids)
+        ctx.temperature = temperature
+        out = torch.zeros(input_ids.shape, dtype=torch.float32, device=logits.device)
+        for s in _time_slices(logits, input_ids.shape[1] - 1):
+            logps = torch.log_softmax(logits[:, s].float() / temperature, dim=-1)
+            out[:, _next(s)] = logps.gather(2, input_ids[:, _next(s), None]).squeeze(-1)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # (B, T) -> (B, T, V) in the logits' dtype; the last position gets 0
+        logits, input_ids = ctx.saved_tensors
+        grad = torch.zeros_like(logits, memory_format=torch.contiguous_format)
+        for s in _time_slices(logits, input_ids.shape[1] - 1):
+            g = grad_out[:, _next(s), None].float()  # (B, slice, 1)
+            probs = torch.log_softmax(logits[:, s].float() / ctx.temperature, dim=-1).exp_()
+            grad[:, s] = probs.mul_(-g).scatter_add_(2, input_ids[:, _next(s), None], g).div_(ctx.temperature)
+        return grad, None, None
+
+
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """(B, T, V) logits -> (B, T) log p(token t | tokens < t) at `temperature`; column 0 is 0."""
-    logps = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    picked = torch.gather(logps, 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return F.pad(picked, (1, 0))
+    """(B, T, V) logits -> (B, T) log p(token t | tokens < t) at `temperature`; column 0 is 0.
+
+    Equals `log_softmax(logits[:, :-1].float() / temperature).gather(input_ids[:, 1:])`, values
+    and gradients, without an fp32 (B, T, V) tensor (`_TokenLogprobs`).
+    """
+    return _TokenLogprobs.apply(logits, input_ids, temperature)
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """(B, T, V) -> (B, T) entropy of the next-token distribution that predicts token t; column 0 is 0."""
-    logps = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    return F.pad(-(logps.exp() * logps).sum(-1), (1, 0))
+    """(B, T, V) -> (B, T) entropy of the next-token distribution that predicts token t; column 0 is 0.
+
+    Computed a time-slice at a time like `token_logprobs` (no fp32 (B, T, V) tensor without
+    gradients; under autograd each slice's tensors are kept for the backward pass).
+    """
+    out = torch.zeros(logits.shape[:2], dtype=torch.float32, device=logits.device)
+    for s in _time_slices(logits, logits.shape[1] - 1):
+        logps = torch.log_softmax(logits[:, s].float() / temperature, dim=-1)
+        out[:, _next(s)] = -(logps.exp() * logps).sum(-1)
+    return out
 
 
 def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -296,30 +418,83 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
 # Sampling
 
 
-class GumbelSampler(LogitsProcessor):
-    """Exact sampling at `temperature` as argmax(logits / T + Gumbel noise), one RNG per row.
+_MASK32 = 0xFFFFFFFF
 
-    Used with greedy decoding, each row's sample depends only on its own seed, not on which
-    other prompts share the batch or the process: runs on 1 or N processes draw the same
-    responses, and a resumed run draws what the uninterrupted one would have.
+
+def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
+    """(x * m) mod 2**32 for int64 tensors of 32-bit values, in 16-bit halves (no int64 overflow)."""
+    return (x * (m & 0xFFFF) + (((x * (m >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser (fmix32): a bijection of 32-bit values with full avalanche."""
+    x = _mul32(x ^ (x >> 16), 0x85EBCA6B)
+    x = _mul32(x ^ (x >> 13), 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    """(B,) int64 seeds in [0, 2**63) and a step (or (B,) steps) -> (B,) float64 uniforms in [0, 1),
+    a pure function of (seed, step).
+
+    Counter-based, as Philox or JAX's keys: nothing carries state from one draw to the next, so a
+    row's draws do not depend on the other rows, the batch or the process, and run on the seeds'
+    device in one vectorised pass. Two 32-bit hashes of (seed, step, lane) give 53 random bits,
+    assembled as numpy's `random_sample` does.
+    """
+    words = [seeds & _MASK32, seeds >> 32, torch.as_tensor(step, dtype=torch.long, device=seeds.device).expand_as(seeds)]
+    lanes = []
+    for lane in (0, 1):
+        h = torch.full_like(seeds, 0x9E3779B9 + lane)
+        for w in words:
+            h = _mix32(h ^ w)
+        lanes.append(h)
+    return ((lanes[0] >> 5) * 2**26 + (lanes[1] >> 6)).double() / 2**53
+
+
+class SeededSampler(LogitsProcessor):
+    """Exact sampling at `temperature` by inverse transform, one seeded uniform per row and step.
+
+    Used with greedy decoding: at decoding step k, row b takes the token where the cumulative
+    softmax(scores / T) (fp32 probabilities, summed in fp64) first exceeds `counter_uniform(seed_b, k)`
+    and returns scores with 0 there and -inf elsewhere. Each row's sample depends only on its own
+    seed and logits, not on which other prompts share the batch or the process: runs on 1 or N
+    processes draw the same responses, and a resumed run draws what the uninterrupted one would
+    have. Everything runs on the scores' device, vectorised over the batch.
+
+    When `raw_logits` is set (by a forward hook on the model: the logits the model computed), the
+    scores `generate` hands over must equal them: anything else would sample from a distribution
+    other than softmax(logits / T), the one the training losses score.
     """
 
     def __init__(self, seeds: Sequence[int], temperature: float):
-        self.generators = [torch.Generator().manual_seed(int(s) % (2**63)) for s in seeds]
+        self.seeds = torch.tensor([int(s) % (2**63) for s in seeds], dtype=torch.long)
         self.temperature = temperature
+        self.step = 0
+        self.raw_logits: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        V = scores.shape[-1]
-        u = torch.stack([torch.rand(V, generator=g) for g in self.generators]).to(scores.device)
-        gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
-        return scores.float() / self.temperature + gumbel
+        if self.raw_logits is not None and not torch.equal(scores.float(), self.raw_logits):
+            raise ConfigError("sampling: generate() altered the model's logits before sampling (a logits "
+                              "processor of the generation config?); the samples would not come from the "
+                              "distribution the training loss scores")
+        u = counter_uniform(self.seeds.to(scores.device), self.step)  # (B,)
+        self.step += 1
+        cdf = torch.softmax(scores.float() / self.temperature, dim=-1).double().cumsum_(-1)  # (B, V)
+        # first index whose cdf exceeds u * total: zero-probability tokens (empty intervals) are never taken
+        token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).clamp_(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: Sequence[str], *, seeds: Sequence[int],
                      temperature: float, max_new_tokens: int, max_prompt_length: int
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample one response per prompt.
+    """Sample one response per prompt from exactly softmax(logits / temperature).
+
+    Whatever the model folder's generation_config.json says, no logits processor runs: each token
+    is drawn from the distribution `token_logprobs(logits, ids, temperature)` scores (checked at
+    every step against the logits the model computed). A response may be EOS alone.
 
     Returns (query_ids (B, P) left-padded, query_mask (B, P), response_ids (B, R)); response rows
     are padded with pad_token_id after EOS (or run to max_new_tokens without one).
@@ -333,14 +508,24 @@ def sample_responses(model, tokenizer, prompts: Sequence[str], *, seeds: Sequenc
     tokenizer.padding_side, tokenizer.truncation_side = sides
     device = next(model.parameters()).device
     query_ids, query_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=1,
+    gen_cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                bos_token_id=tokenizer.bos_token_id)
+    sampler = SeededSampler(seeds, temperature)
+
+    def keep_raw_logits(module, args, output):
+        sampler.raw_logits = output.logits[:, -1].float()
+
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_cfg,
-                         logits_processor=LogitsProcessorList([GumbelSampler(seeds, temperature)]))
-    model.train(was_training)
+    hook = unwrap_peft(model).register_forward_hook(keep_raw_logits)
+    try:
+        with generation.folder_generation_defaults_ignored(model):
+            out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_cfg,
+                                 logits_processor=LogitsProcessorList([sampler]))
+    finally:
+        hook.remove()
+        model.train(was_training)
     return query_ids, query_mask, out[:, query_ids.shape[1]:]
 
 
@@ -354,6 +539,23 @@ def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int, pad_token_
     mask = (positions[None, :] <= first_eos[:, None]).long()
     ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_token_id))
     return ids, mask, has_eos
+
+
+def missing_eos_scores(scores, has_eos, penalty: float | None):
+    """The one rule for responses cut off at max_new_tokens, shared by every sampling method.
+
+    A response that never emitted EOS is scored `penalty` instead of its reward (AlpacaFarm's
+    `penalty_reward_value`, TRL's `missing_eos_penalty` idea); `penalty=None` keeps the reward.
+    Works on torch tensors and numpy arrays alike.
+    """
+    if penalty is None:
+        return scores
+    if isinstance(scores, torch.Tensor):
+        has_eos = torch.as_tensor(has_eos, dtype=torch.bool, device=scores.device)
+        return torch.where(has_eos, scores, torch.full_like(scores, penalty))
+    import numpy as np
+
+    return np.where(np.asarray(has_eos, dtype=bool), scores, penalty).astype(float)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,6 +591,42 @@ def load_checkpoint(accelerator, ckpt_dir: Path) -> dict | None:
     return json.loads((ckpt_dir / "state.json").read_text())
 
 
+class CheckpointSchedule:
+    """When to save a checkpoint: every `save_steps` optimizer steps and whenever
+    `save_every_seconds` have passed since the last save (0 turns either off), never after the
+    last step (the final model is saved then). With several processes the main process's clock
+    decides for all, so that they all save together.
+    """
+
+    def __init__(self, save_steps: int, save_every_seconds: float, accelerator=None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.save_steps, self.save_every_seconds = save_steps, save_every_seconds
+        self.accelerator, self.clock = accelerator, clock
+        self.last_save = clock()
+
+    def due(self, step: int, total_steps: int) -> bool:
+        """Call once after optimizer step `step` (1-based): True when a checkpoint is due now."""
+        by_steps = self.save_steps > 0 and step % self.save_steps == 0
+        by_time = self.save_every_seconds > 0 and self.clock() - self.last_save >= self.save_every_seconds
+        acc = self.accelerator
+        if acc is not None and acc.num_processes > 1 and self.save_every_seconds > 0:
+            flag = torch.tensor(float(by_time and acc.is_main_process), device=acc.device)
+            by_time = acc.reduce(flag, "sum").item() > 0
+        if step >= total_steps or not (by_steps or by_time):
+            return False
+        self.last_save = self.clock()
+        return True
+
+
+def end_training(accelerator) -> None:
+    """End Accelerate's training and destroy the process group explicitly: gloo left to
+    interpreter shutdown can hang there (two CPU processes on a loaded machine)."""
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+
+
 def drop_metrics_after(metrics_file: Path, step: int) -> None:
     """After a resume from `step`: forget the metrics rows a crashed run logged past it."""
     from prefgym.io import read_records, write_jsonl
@@ -398,12 +636,15 @@ def drop_metrics_after(metrics_file: Path, step: int) -> None:
 
 
 def make_progress(accelerator=None):
-    """A rich progress bar (shown on the main process only)."""
+    """A rich progress bar on stderr (shown on the main process only)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from prefgym.progress import stderr_console
 
     disable = accelerator is not None and not accelerator.is_main_process
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=disable)
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=disable,
+                    console=stderr_console())
 
 
 def no_sync_unless(accelerator, model, last: bool):
@@ -412,15 +653,10 @@ def no_sync_unless(accelerator, model, last: bool):
 
 
 def preference_target(preference, row: int | None = None, path=None) -> float:
-    """P(output_1 is better): 1 -> 1.0, 2 -> 0.0, tie (1.5, or AlpacaEval's 0) -> 0.5."""
-    try:
-        p = float(preference)
-    except (TypeError, ValueError):
-        raise DataError(f"preference must be 1, 2 or 1.5, got {preference!r}", path=path, row=row,
-                        field="preference") from None
-    if p == 0:
-        return 0.5
-    if not 1.0 <= p <= 2.0:
-        raise DataError(f"preference must be 1, 2 or 1.5, got {preference!r}", path=path, row=row,
-                        field="preference")
-    return 2.0 - p
+    """P(output_1 is better) = 1 - `prefgym.data.preferences.prob_output_2` (a missing value is an error)."""
+    from prefgym.data.preferences import prob_output_2
+
+    p2 = prob_output_2(preference, row=row, path=path)
+    if p2 is None:
+        raise DataError("the pair has no preference", path=path, row=row, field="preference")
+    return 1.0 - p2

@@ -3,8 +3,8 @@
 The loss is cross-entropy on the response tokens only (the prompt is masked), averaged over
 all response tokens of the global batch, so that 1 process x batch 8 and 2 processes x batch 4
 (or 1 x 4 with 2 accumulation steps) take the same optimizer steps. Runs through Accelerate
-(`accelerate launch` for several processes), checkpoints every `save_steps` and resumes from
-the last checkpoint when the same command is run again.
+(`accelerate launch` for several processes), checkpoints every `save_steps` steps or
+`save_every_seconds` and resumes from the last checkpoint when the same command is run again.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from typing import Optional
 import typer
 
 from prefgym.errors import ConfigError, DataError
+from prefgym.methods.fields import LoraFields, TrainFields
 
 CRASH_AFTER_STEP_ENV = "PREFGYM_CRASH_AFTER_STEP"  # tests: hard-exit after this step (simulated kill)
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(TrainFields, LoraFields):
     """Supervised fine-tuning settings (defaults: AlpacaFarm's SFT recipe, scaled to one device)."""
 
     model_name_or_path: Optional[str] = None
@@ -64,24 +65,18 @@ class SFTConfig:
     """Seed of the data order and of dropout."""
     save_steps: int = 100
     """Save a checkpoint (model, optimizer, scheduler, RNG) every this many steps; 0: never."""
+    save_every_seconds: float = 300.0
+    """Also save one whenever this many seconds have passed since the last (0: by steps only)."""
     logging_steps: int = 1
     """Write a metrics.jsonl row every this many steps."""
     resume: bool = True
     """Continue from the last checkpoint in output_dir if there is one (False: start over)."""
-    dtype: str = "float32"
-    """Dtype the model's weights are loaded in."""
     mixed_precision: str = "no"
     """Accelerate mixed precision: no, bf16 or fp16."""
     progress: bool = True
     """Show a progress bar."""
-    use_lora: bool = False
-    """Train LoRA adapters (peft) instead of all weights; they are merged into the saved model."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA path."""
+    disable_dropout: bool = True
+    """Turn dropout off in the model (as TRL's preference trainers do); expert iteration inherits it."""
 
 
 def train_sft(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
@@ -94,16 +89,21 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
     import torch
     from transformers import get_scheduler
 
-    from prefgym.data import format_record, load_records, validate_records
+    from prefgym.data import load_records, validate_records
+    from prefgym.data.prompts import make_prompt_formatter
     from prefgym.io import append_jsonl, write_json
+    from prefgym.methods import fields
     from prefgym.models import collate, load_model_and_tokenizer, tokenize_example
     from prefgym.seeding import seed_everything, stable_hash
 
+    from prefgym.methods.common import CheckpointSchedule, check_output_dir, end_training
+
     out = Path(cfg.output_dir)
     state_file = out / "training_state.json"
+    model_path = cfg.model_name_or_path or _world_path("base_model", "--model")
+    check_output_dir(dataclasses.replace(cfg, model_name_or_path=str(model_path)), out / "sft_config.json")
     if cfg.resume and state_file.exists() and json.loads(state_file.read_text()).get("done"):
         return out
-    model_path = cfg.model_name_or_path or _world_path("base_model", "--model")
     if records is None:
         train_file, split = cfg.train_file, cfg.split
         if train_file is None:
@@ -114,13 +114,19 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
     if not records:
         raise DataError("no demonstrations to train on", path=cfg.train_file or "records")
 
-    accelerator = _accelerator(cfg.mixed_precision)
+    accelerator = _accelerator(cfg.mixed_precision, **fields.accelerator_kwargs(cfg, out))
+    fields.start_tracking(accelerator, cfg, "sft")
     seed_everything(cfg.seed)
-    model, tokenizer = load_model_and_tokenizer(model_path, dtype=cfg.dtype)
+    model, tokenizer = load_model_and_tokenizer(model_path, cfg=cfg)
     from prefgym.methods.common import apply_lora
 
     model = apply_lora(model, cfg, task_type="CAUSAL_LM")
-    examples = [tokenize_example(tokenizer, format_record(r), r["output"], cfg.max_length) for r in records]
+    if cfg.disable_dropout:
+        from prefgym.methods.common import disable_dropout
+
+        disable_dropout(model)
+    fmt = make_prompt_formatter(tokenizer, cfg.prompt_format)
+    examples = [tokenize_example(tokenizer, fmt(r), r["output"], cfg.max_length) for r in records]
     n_targets = [sum(label != -100 for label in e["labels"][1:]) for e in examples]
 
     # The global batch is built the same way for any number of processes; each process takes its slice.
@@ -169,6 +175,7 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
     model.train()
     total_tokens = sum(len(examples[i]["input_ids"]) for s in range(start_step) for i in batch_indices(s))
     crash_after = int(os.environ.get(CRASH_AFTER_STEP_ENV, "0"))
+    checkpoints = CheckpointSchedule(cfg.save_steps, cfg.save_every_seconds, accelerator)
     with _progress_bar(cfg.progress and accelerator.is_main_process, total_steps, start_step) as advance:
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
@@ -197,11 +204,12 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
             total_tokens += step_tokens
             done = step + 1
             if accelerator.is_main_process and (done % cfg.logging_steps == 0 or done == total_steps):
-                append_jsonl(metrics_file, {"step": done, "epoch": step // steps_per_epoch, "loss": loss,
-                                            "lr": lr, "tokens": total_tokens,
-                                            "tokens_per_s": step_tokens / (time.perf_counter() - t0)})
+                row = {"step": done, "epoch": step // steps_per_epoch, "loss": loss, "lr": lr, "tokens": total_tokens,
+                       "tokens_per_s": step_tokens / (time.perf_counter() - t0)}
+                append_jsonl(metrics_file, row)
+                fields.track(accelerator, row)
             advance(loss)
-            if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done < total_steps:
+            if checkpoints.due(done, total_steps):
                 _checkpoint(accelerator, out, done)
             if done == crash_after:
                 os._exit(137)
@@ -211,14 +219,13 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
         _save_final(accelerator.unwrap_model(model), tokenizer, out)
         write_json(state_file, {"step": total_steps, "done": True})
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_training(accelerator)
     if accelerator.num_processes == 1 and cfg.mixed_precision != "no":
         _reset_accelerate()  # do not leave mixed precision on for whatever runs next in this process
     return out
 
 
-def _accelerator(mixed_precision: str):
+def _accelerator(mixed_precision: str, **kwargs):
     """An Accelerator with these settings, also when one with others was made earlier in this process."""
     import torch
     from accelerate import Accelerator
@@ -230,7 +237,7 @@ def _accelerator(mixed_precision: str):
     if n_proc == 1 and AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
         _reset_accelerate()
     # Several processes without a GPU (torchrun, `accelerate launch --multi_gpu`): data-parallel on CPU (gloo).
-    return Accelerator(mixed_precision=mixed_precision, cpu=n_proc > 1 and not torch.cuda.is_available())
+    return Accelerator(mixed_precision=mixed_precision, cpu=n_proc > 1 and not torch.cuda.is_available(), **kwargs)
 
 
 def _reset_accelerate() -> None:
@@ -318,8 +325,10 @@ def _progress_bar(enabled: bool, total: int, completed: int):
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from prefgym.progress import stderr_console
+
     with Progress(TextColumn("sft"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                  TimeRemainingColumn()) as progress:
+                  TimeRemainingColumn(), console=stderr_console()) as progress:
         task = progress.add_task("sft", total=total, completed=completed, loss="-")
         yield lambda loss: progress.update(task, advance=1, loss=f"{loss:.4f}")
 
@@ -342,10 +351,13 @@ def add_commands(app: typer.Typer) -> None:
         max_length: Optional[int] = typer.Option(None, help="Tokens per example (default: 512)."),
         seed: Optional[int] = typer.Option(None, help="Seed (default: 0)."),
         save_steps: Optional[int] = typer.Option(None, help="Checkpoint every N steps (default: 100)."),
+        save_every_seconds: Optional[float] = typer.Option(
+            None, help="Also checkpoint whenever this many seconds have passed since the last one (default: 300)."),
         resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the last checkpoint (default: resume)."),
         dtype: Optional[str] = typer.Option(None, help="Weights dtype: float32, bfloat16 (default: float32)."),
         mixed_precision: Optional[str] = typer.Option(None, help="no, bf16 or fp16 (default: no)."),
         progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar."),
+        set_: list[str] = typer.Option([], "--set", help="Any SFTConfig field, key=value (repeatable), e.g. dtype=bfloat16."),
     ) -> None:
         """Supervised fine-tuning on demonstrations (loss on response tokens only).
 
@@ -354,17 +366,21 @@ def add_commands(app: typer.Typer) -> None:
 
         Writes to --out: the fine-tuned model and tokenizer (save_pretrained, safetensors),
         metrics.jsonl (step, loss, lr, tokens, tokens_per_s), sft_config.json, and
-        checkpoints/ while training. Rerun the same command to resume.
+        checkpoints/ while training (every --save-steps steps or --save-every-seconds). Rerun the
+        same command to resume; a folder trained with other settings is an error (--no-resume
+        starts over there).
 
         Several processes: accelerate launch --multi_gpu --num_processes 2 -m prefgym.cli sft ...
         """
-        from prefgym.methods.common import load_config
+        from prefgym.methods.common import load_config, parse_overrides
 
-        cfg = load_config(SFTConfig, config, dict(
+        flags = dict(
             model_name_or_path=model, train_file=data, split=split, output_dir=out, epochs=epochs,
             max_steps=max_steps, lr=lr, per_device_batch_size=batch_size, grad_accum=grad_accum,
-            max_length=max_length, seed=seed, save_steps=save_steps, resume=resume, dtype=dtype,
-            mixed_precision=mixed_precision, progress=progress))
+            max_length=max_length, seed=seed, save_steps=save_steps, save_every_seconds=save_every_seconds,
+            resume=resume, dtype=dtype,
+            mixed_precision=mixed_precision, progress=progress)
+        cfg = load_config(SFTConfig, config, {**parse_overrides(set_), **{k: v for k, v in flags.items() if v is not None}})
         path = train_sft(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
             typer.echo(f"wrote {path}")
