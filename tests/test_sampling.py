@@ -56,13 +56,13 @@ def prompts(n=6):
 def sample_and_record(model, tokenizer, monkeypatch, temperature):
     """Sample with the PPO sampler; return its inputs (the scores generate handed over) per step."""
     seen = []
-    real_call = common.GumbelSampler.__call__
+    real_call = common.SeededSampler.__call__
 
     def spy(self, input_ids, scores):
         seen.append(scores.detach().float().clone())
         return real_call(self, input_ids, scores)
 
-    monkeypatch.setattr(common.GumbelSampler, "__call__", spy)
+    monkeypatch.setattr(common.SeededSampler, "__call__", spy)
     batch = prompts()
     q, qm, r = common.sample_responses(model, tokenizer, batch, seeds=list(range(len(batch))),
                                        temperature=temperature, max_new_tokens=12, max_prompt_length=64)

@@ -1,5 +1,10 @@
 """A local Hugging Face causal LM as judge: the log-probabilities of the two answer tokens as the
 next token after the prompt, returned in the OpenAI logprobs shape for `logprob_parser`.
+
+`completions_kwargs.prompt_format`: `chat` sends the judge prompt as the user turn (after the
+judge's system_prompt, as `openai_chat` does) through the tokenizer's chat template, `raw` sends
+it as it is, `auto` (default) is chat when the tokenizer has a template: a chat judge sees the
+formatting the policies are trained with (`prefgym.data.prompts`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ class HFLogprobBackend:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        check_kwargs(judge, {"model_name", "top_logprobs", "device", "dtype", "max_length"})
+        check_kwargs(judge, {"model_name", "top_logprobs", "device", "dtype", "max_length", "prompt_format"})
         if judge.fn_completion_parser != "logprob_parser":
             raise ConfigError(f"{judge.source}: judge '{judge.name}': huggingface_logprobs needs "
                               "fn_completion_parser: logprob_parser")
@@ -41,6 +46,7 @@ class HFLogprobBackend:
             raise ConfigError(f"{judge.source}: judge '{judge.name}': cannot load the model "
                               f"'{kw['model_name']}' (key 'completions_kwargs.model_name'): {str(e)[:200]}") from None
         self.model = self.model.to(kw.get("device", "cpu")).eval()
+        self.chat = _use_chat(judge, self.tokenizer, kw.get("prompt_format", "auto"))
         self.top_k = int(kw.get("top_logprobs", 5))
         self.max_length = int(kw.get("max_length", 2048))
         pkw = judge.completion_parser_kwargs
@@ -58,6 +64,11 @@ class HFLogprobBackend:
         import torch
 
         start = time.perf_counter()
+        if self.chat:
+            from prefgym.data.prompts import chat_prompt
+
+            system = [{"role": "system", "content": self.judge.system_prompt}] if self.judge.system_prompt else []
+            prompt = chat_prompt(self.tokenizer, system + [{"role": "user", "content": prompt}])
         enc = self.tokenizer(prompt, return_tensors="pt", truncation=True, max_length=self.max_length)
         enc = {k: v.to(self.model.device) for k, v in enc.items()}
         with self._lock, torch.no_grad():
@@ -71,3 +82,15 @@ class HFLogprobBackend:
         return Completion(text=tops[0]["token"], logprobs=[{**tops[0], "top_logprobs": tops}],
                           prompt_tokens=int(enc["input_ids"].shape[1]), completion_tokens=1,
                           seconds=time.perf_counter() - start)
+
+
+def _use_chat(judge: JudgeConfig, tokenizer, prompt_format: str) -> bool:
+    """Whether the judge prompt goes through the chat template (prompt_format auto, chat or raw)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if prompt_format not in ("auto", "chat", "raw"):
+        raise ConfigError(f"{judge.source}: judge '{judge.name}': key 'completions_kwargs.prompt_format' is "
+                          f"{prompt_format!r}; use auto, chat or raw")
+    if prompt_format == "chat" and not has_template:
+        raise ConfigError(f"{judge.source}: judge '{judge.name}': completions_kwargs.prompt_format is chat but "
+                          f"the tokenizer of {judge.completions_kwargs['model_name']!r} has no chat template")
+    return prompt_format == "chat" or (prompt_format == "auto" and has_template)

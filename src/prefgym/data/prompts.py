@@ -24,3 +24,67 @@ def format_prompt(instruction: str, input: str | None = "") -> str:
 def format_record(record: dict) -> str:
     """The prompt for a record with `instruction` and optional `input`."""
     return format_prompt(record["instruction"], record.get("input", "") or "")
+
+
+def user_turn(record: dict) -> str:
+    """The user message of a record in chat format: the instruction, then the input after a blank
+    line when there is one (AlpacaFarm's `instruction + "\\n\\n" + input`)."""
+    instruction, input = record["instruction"], record.get("input") or ""
+    return f"{instruction}\n\n{input}" if input else instruction
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def resolve_prompt_format(tokenizer, prompt_format: str = "auto") -> str:
+    """"alpaca" or "chat": "auto" is chat when the tokenizer has a chat template, else alpaca.
+
+    "chat" with a tokenizer without a template is a ConfigError.
+    """
+    from prefgym.errors import ConfigError
+
+    if prompt_format == "auto":
+        return "chat" if has_chat_template(tokenizer) else "alpaca"
+    if prompt_format == "chat" and not has_chat_template(tokenizer):
+        raise ConfigError(f"prompt_format: chat, but the tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r} "
+                          "has no chat template; use prompt_format: alpaca (or auto)")
+    if prompt_format not in ("alpaca", "chat"):
+        raise ConfigError(f"prompt_format should be auto, alpaca or chat, got {prompt_format!r}")
+    return prompt_format
+
+
+def make_prompt_formatter(tokenizer, prompt_format: str = "auto"):
+    """`record -> prompt text` for the policy, the reward model and the judges alike.
+
+    alpaca: `format_record`. chat: the tokenizer's chat template with `user_turn(record)` as the
+    only user message and the assistant turn opened (`add_generation_prompt=True`); the response
+    follows, then EOS. prefgym tokenises prompts with `add_special_tokens=True`, so when the
+    tokenizer prepends BOS itself and the template also starts with the BOS text, that text is
+    left out of the prompt: the tokens are exactly the template's, with one BOS.
+    """
+    if resolve_prompt_format(tokenizer, prompt_format) == "alpaca":
+        return format_record
+    bos = _auto_bos_text(tokenizer)
+
+    def chat(record: dict) -> str:
+        return chat_prompt(tokenizer, [{"role": "user", "content": user_turn(record)}], bos)
+
+    return chat
+
+
+def chat_prompt(tokenizer, messages: list[dict], bos: str | None = None) -> str:
+    """`messages` through the tokenizer's chat template, the assistant turn opened, without the
+    leading BOS text when the tokenizer adds BOS itself (`bos`: that text, found when None)."""
+    bos = _auto_bos_text(tokenizer) if bos is None else bos
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return text[len(bos):] if bos and text.startswith(bos) else text
+
+
+def _auto_bos_text(tokenizer) -> str:
+    """The BOS text when the tokenizer adds BOS itself with add_special_tokens=True, else ""."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        return ""
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return tokenizer.bos_token if ids and ids[0] == bos_id else ""

@@ -22,10 +22,11 @@ import numpy as np
 import typer
 
 from prefgym.errors import ConfigError
+from prefgym.methods.fields import ModelFields
 
 
 @dataclass
-class BestOfNConfig:
+class BestOfNConfig(ModelFields):
     """Best-of-n sampling settings (AlpacaFarm: temperature 1.0; n from 1 to 1024, 16 a good default)."""
 
     policy_model: str = ""
@@ -71,9 +72,10 @@ class BestOfNConfig:
 
 def best_of_n(model, tokenizer, records: list[dict], reward_fn: Callable[[list[dict]], np.ndarray],
               n: int, sampling=None, generator: str = "best_of_n",
-              missing_eos_penalty: Optional[float] = -1.0) -> list[dict]:
+              missing_eos_penalty: Optional[float] = -1.0, fmt: Optional[Callable[[dict], str]] = None) -> list[dict]:
     """The best of `n` samples per record under `reward_fn` (records -> rewards array).
 
+    `fmt` makes a record's prompt (`prefgym.data.prompts.make_prompt_formatter`; default Alpaca).
     `sampling` is a `SamplingConfig` (its num_samples is set to `n`). A sample cut off at
     max_new_tokens (no EOS) is rewarded `missing_eos_penalty` (`common.missing_eos_scores`).
     Returns one AlpacaEval-format record per input record: `output` (the best sample), `reward`
@@ -85,7 +87,7 @@ def best_of_n(model, tokenizer, records: list[dict], reward_fn: Callable[[list[d
     from prefgym.models.generation import SamplingConfig, generate_with_eos
 
     sampling = dataclasses.replace(sampling or SamplingConfig(), num_samples=n)
-    samples, finished = generate_with_eos(model, tokenizer, [format_record(r) for r in records], sampling)
+    samples, finished = generate_with_eos(model, tokenizer, [(fmt or format_record)(r) for r in records], sampling)
     candidates = [{"instruction": r["instruction"], "input": r.get("input") or "", "output": s}
                   for r, group in zip(records, samples) for s in group]
     rewards = np.asarray(reward_fn(candidates), dtype=float).reshape(len(records), n)
@@ -105,6 +107,7 @@ def run(cfg: BestOfNConfig) -> Path:
     finished run (output_file there) is not redone and an interrupted one continues.
     """
     from prefgym.data import load_records
+    from prefgym.data.prompts import make_prompt_formatter
     from prefgym.io import append_jsonl, read_records, write_json
     from prefgym.methods.reward_model import RewardScorer
     from prefgym.models import load_model_and_tokenizer
@@ -131,8 +134,9 @@ def run(cfg: BestOfNConfig) -> Path:
         partial.unlink(missing_ok=True)
         metrics_file.unlink(missing_ok=True)
 
-    model, tokenizer = load_model_and_tokenizer(cfg.policy_model, device="auto", padding_side="left")
-    scorer = RewardScorer(cfg.reward_model, device=model.device, batch_size=cfg.scoring_batch_size)
+    model, tokenizer = load_model_and_tokenizer(cfg.policy_model, device="auto", padding_side="left", cfg=cfg)
+    fmt = make_prompt_formatter(tokenizer, cfg.prompt_format)
+    scorer = RewardScorer(cfg.reward_model, device=model.device, batch_size=cfg.scoring_batch_size, model_cfg=cfg)
     chunks = range(len(done), len(records), cfg.chunk_size)
     with _progress(cfg.progress, len(records), len(done)) as advance:
         for start in chunks:
@@ -143,7 +147,8 @@ def run(cfg: BestOfNConfig) -> Path:
             seed = cfg.seed if start == 0 else stable_hash(cfg.seed, "best-of-n-chunk", start)
             sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                                       batch_size=cfg.generation_batch_size, seed=seed)
-            rows = best_of_n(model, tokenizer, chunk, scorer.score, cfg.n, sampling, generator, cfg.missing_eos_penalty)
+            rows = best_of_n(model, tokenizer, chunk, scorer.score, cfg.n, sampling, generator, cfg.missing_eos_penalty,
+                             fmt)
             for row in rows:
                 append_jsonl(partial, row)
             append_jsonl(metrics_file, {"examples_done": start + len(chunk),
@@ -220,3 +225,16 @@ def add_commands(app: typer.Typer) -> None:
         rows = json.loads(path.read_text(encoding="utf-8"))
         mean = np.mean([r["reward"] for r in rows]) if rows else float("nan")
         typer.echo(f"wrote {path} ({len(rows)} outputs, mean best reward {mean:.3f})")
+
+
+# ---------------------------------------------------------------------------------------------
+# As a method of `prefgym run` (see prefgym.methods.registry)
+
+from prefgym.methods.registry import MethodSpec  # noqa: E402
+
+_WORLD = {"n": 4, "temperature": 0.7, "max_new_tokens": 64, "generation_batch_size": 64}
+PIPELINE = MethodSpec(
+    config=BestOfNConfig, train=run, weight=1, produces="outputs",  # its result: its outputs on the eval set
+    inputs=lambda run: dict(policy_model=run.sft, reward_model=run.reward_model, data=run.splits["eval"],
+                            output_file=f"{run.out}/model_outputs.json", generator="best_of_n"),
+    world_settings={"default": _WORLD, "quick": {**_WORLD, "max_new_tokens": 32}})

@@ -7,10 +7,10 @@ The method modules import torch and transformers; their commands are registered 
 import typer
 
 from prefgym.lazy_commands import add_lazy_commands
+from prefgym.methods.registry import METHODS
 
-METHOD_MODULES = [f"prefgym.methods.{name}" for name in (
-    "sft", "preference_data", "reward_model", "ppo", "best_of_n", "expert_iteration", "quark",
-    "feedme", "reward_conditioning", "dpo")]
+METHOD_MODULES = [f"prefgym.methods.{name}" for name in ("sft", "preference_data", "reward_model", *METHODS)]
+"""The stages before the methods, then every method of `prefgym run` (`registry.METHODS`)."""
 
 
 def add_commands(app: typer.Typer) -> None:

@@ -38,15 +38,15 @@ import torch.nn.functional as F
 import typer
 
 from prefgym.data.preferences import annotated_pairs
-from prefgym.data.prompts import format_prompt
+from prefgym.data.prompts import format_record, make_prompt_formatter
 from prefgym.errors import ConfigError, DataError
 from prefgym.io import append_jsonl, atomic_path
-from prefgym.methods import common
+from prefgym.methods import common, fields
 from prefgym.seeding import rng_for, seed_everything
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(fields.TrainFields, fields.LoraFields):
     model_name_or_path: str = ""
     """SFT model folder (or hub name): the starting policy and, by default, the reference."""
     reference_model: str = ""
@@ -88,14 +88,6 @@ class DPOConfig:
     """Checkpoint (model, optimizer, RNG, step) every this many optimizer steps."""
     resume: bool = True
     """Continue from the checkpoint in output_dir if there is one."""
-    use_lora: bool = False
-    """Train LoRA adapters (merged into the saved model) instead of all weights."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA inputs."""
 
 
 def flip_probability(p_chosen: torch.Tensor, label_smoothing: float, soft_labels: str = "weight") -> torch.Tensor:
@@ -130,14 +122,16 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def _chosen_rejected(records: list[dict], path=None) -> list[tuple[str, str, str, float]]:
-    """(prompt, chosen, rejected, P(chosen better)) per pair, oriented by the rounding rule; ties skipped."""
+def _chosen_rejected(records: list[dict], path=None, fmt=format_record) -> list[tuple[str, str, str, float]]:
+    """(prompt, chosen, rejected, P(chosen better)) per pair, oriented by the rounding rule; ties skipped.
+
+    `fmt` turns a record into its prompt (`make_prompt_formatter`)."""
     out = []
     for _, r, pref in annotated_pairs(records, path=path):
         if pref.winner is None:
             continue
         chosen, rejected = (r["output_1"], r["output_2"]) if pref.winner == 1 else (r["output_2"], r["output_1"])
-        out.append((format_prompt(r["instruction"], r.get("input", "")), chosen, rejected, pref.p_winner))
+        out.append((fmt(r), chosen, rejected, pref.p_winner))
     if not out:
         raise DataError("no pairs with a preference for one output (all ties or unannotated) to train on",
                         path=path)
@@ -158,6 +152,16 @@ class PairLogps(torch.nn.Module):
 
     def forward(self, prompt_ids, prompt_mask, response_ids, response_mask) -> tuple[torch.Tensor, torch.Tensor]:
         # prompt_* (B, P); response_* (2B, R): rows 2i and 2i+1 are pair i's chosen and rejected
+        if self.training and any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules()):
+            logits = self._response_logits_uncached(prompt_ids, prompt_mask, response_ids, response_mask)
+        else:
+            logits = self._response_logits(prompt_ids, prompt_mask, response_ids, response_mask)
+        logps = torch.gather(torch.log_softmax(logits.float(), -1), 2, response_ids.unsqueeze(-1)).squeeze(-1)
+        seq = common.masked_sum(logps, response_mask, dim=-1)
+        return seq[0::2], seq[1::2]
+
+    def _response_logits(self, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
+        """(2B, R, V) logits that predict each response token, the prompt through the model once."""
         out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=1,
                          position_ids=common.position_ids_from(prompt_mask))
         cache = out.cache
@@ -167,11 +171,18 @@ class PairLogps(torch.nn.Module):
         logits = self.model(input_ids=response_ids, attention_mask=torch.cat([prompt_mask.repeat_interleave(2, 0),
                                                                                response_mask], 1),
                             position_ids=positions, cache=cache).logits
-        # (2B, R, V): the prompt's last logits predict response token 0, response token t-1's predict t
-        logits = torch.cat([out.logits[:, -1:].repeat_interleave(2, 0), logits[:, :-1]], 1)
-        logps = torch.gather(torch.log_softmax(logits.float(), -1), 2, response_ids.unsqueeze(-1)).squeeze(-1)
-        seq = common.masked_sum(logps, response_mask, dim=-1)
-        return seq[0::2], seq[1::2]
+        # the prompt's last logits predict response token 0, response token t-1's predict t
+        return torch.cat([out.logits[:, -1:].repeat_interleave(2, 0), logits[:, :-1]], 1)
+
+    def _response_logits_uncached(self, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
+        """The same logits from whole prompt + response rows: gradient checkpointing turns the KV
+        cache off in training (a cache filled in the forward would be filled again by the recompute)."""
+        R = response_ids.shape[1]
+        ids = torch.cat([prompt_ids.repeat_interleave(2, 0), response_ids], 1)
+        mask = torch.cat([prompt_mask.repeat_interleave(2, 0), response_mask], 1)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=common.position_ids_from(mask),
+                            logits_to_keep=R + 1).logits  # positions P-1 .. P+R-1
+        return logits[:, :-1]
 
 
 def _pair_batch(tokenizer, examples, max_length: int, device) -> list[torch.Tensor]:
@@ -249,7 +260,8 @@ def _check(cfg: DPOConfig) -> None:
 def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
     """Train a policy with DPO / IPO on annotated pairs; returns its folder (save_pretrained)."""
     from accelerate import Accelerator
-    from transformers import AutoModelForCausalLM
+
+    from prefgym.models.loading import load_policy
 
     _check(cfg)
     if records is None and not cfg.preference_file:
@@ -257,13 +269,14 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
     out = Path(cfg.output_dir)
     if cfg.resume and (out / "model.safetensors").exists() and not (out / "checkpoint").exists():
         return out  # already complete
-    accelerator = Accelerator()
+    accelerator = Accelerator(**fields.accelerator_kwargs(cfg, out))
+    fields.start_tracking(accelerator, cfg, "dpo")
     seed_everything(cfg.seed)
     if records is None:
         records = common.load_split(cfg.preference_file, ("instruction", "output_1", "output_2", "preference"))
-    examples = _chosen_rejected(records, cfg.preference_file or None)
     tokenizer = common.load_tokenizer(cfg.model_name_or_path)
-    model = PairLogps(AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=torch.float32))
+    examples = _chosen_rejected(records, cfg.preference_file or None, make_prompt_formatter(tokenizer, cfg.prompt_format))
+    model = PairLogps(load_policy(cfg.model_name_or_path, cfg))
     model.to(accelerator.device)
     if cfg.disable_dropout:
         common.disable_dropout(model)
@@ -273,8 +286,8 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
     if cfg.resume and ref_file.exists():
         ref_logps = torch.load(ref_file)
     else:
-        ref_model = model if not cfg.reference_model else PairLogps(AutoModelForCausalLM.from_pretrained(
-            cfg.reference_model, dtype=torch.float32)).to(accelerator.device)
+        ref_model = model if not cfg.reference_model else PairLogps(load_policy(
+            cfg.reference_model, cfg, trainable=False)).to(accelerator.device)
         ref_logps = _reference_logps(accelerator, ref_model, tokenizer, examples, cfg)
         del ref_model
         if accelerator.is_main_process:
@@ -342,6 +355,7 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
                        "elapsed_s": round(time.time() - t0, 2)}
             if accelerator.is_main_process:
                 append_jsonl(out / "metrics.jsonl", metrics)
+            fields.track(accelerator, metrics)
             progress.update(task, advance=1, info=f"loss {s[0]:.3f} acc {s[3]:.2f} margin {s[4]:.3f}")
             if step % cfg.save_steps == 0 and step < total_steps:
                 common.save_checkpoint(accelerator, ckpt_dir, {"step": step})
@@ -350,6 +364,7 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
     if accelerator.is_main_process:
         common.save_model(accelerator.unwrap_model(model).model, tokenizer, out)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+    fields.finish_tracking(accelerator)
     accelerator.wait_for_everyone()
     return out
 
@@ -378,3 +393,15 @@ def add_commands(app: typer.Typer) -> None:
                      "output_dir": output_dir, "loss_type": loss_type, "beta": beta, "resume": resume}
         cfg = common.load_config(DPOConfig, config, overrides)
         typer.echo(f"dpo policy: {train(cfg)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# As a method of `prefgym run` (see prefgym.methods.registry)
+
+from prefgym.methods.registry import MethodSpec  # noqa: E402
+
+_WORLD = {"epochs": 2, "lr": 3e-5, "beta": 0.1, "per_device_batch_size": 16, "max_length": 256}
+PIPELINE = MethodSpec(
+    config=DPOConfig, train=train, weight=1,
+    inputs=lambda run: dict(model_name_or_path=run.sft, preference_file=run.pairs, output_dir=run.out),
+    world_settings={"default": _WORLD, "quick": {**_WORLD, "epochs": 1}})

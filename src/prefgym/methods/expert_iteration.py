@@ -73,7 +73,8 @@ def train(cfg: ExpertIterationConfig) -> Path:
         split=cfg.prompts_split, output_file=str(chosen_file), n=cfg.n, temperature=cfg.temperature,
         top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, missing_eos_penalty=cfg.missing_eos_penalty,
         generation_batch_size=cfg.generation_batch_size, max_examples=cfg.max_examples, seed=cfg.seed,
-        resume=cfg.resume, progress=cfg.progress)))
+        resume=cfg.resume, progress=cfg.progress, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+        prompt_format=cfg.prompt_format)))
 
     # 2. SFT of the SFT model on them.
     records = [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]}
@@ -143,3 +144,17 @@ def add_commands(app: typer.Typer) -> None:
         path = train(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
             typer.echo(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# As a method of `prefgym run` (see prefgym.methods.registry)
+
+from prefgym.methods.registry import MethodSpec  # noqa: E402
+
+_WORLD = {"lr": 2e-4, "epochs": 2, "per_device_batch_size": 16, "max_length": 256, "n": 4, "temperature": 0.7, "max_new_tokens": 64, "generation_batch_size": 64,
+          "max_examples": 400}
+PIPELINE = MethodSpec(
+    config=ExpertIterationConfig, train=train, weight=2,
+    inputs=lambda run: dict(model_name_or_path=run.sft, reward_model=run.reward_model,
+                            prompts_file=run.splits["unlabeled"], output_dir=run.out),
+    world_settings={"default": _WORLD, "quick": {**_WORLD, "max_examples": 64, "max_new_tokens": 32, "epochs": 1}})

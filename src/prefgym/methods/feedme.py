@@ -88,3 +88,15 @@ def add_commands(app: typer.Typer) -> None:
         path = train(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
             typer.echo(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# As a method of `prefgym run` (see prefgym.methods.registry)
+
+from prefgym.methods.registry import MethodSpec  # noqa: E402
+
+_WORLD = {"lr": 2e-4, "epochs": 2, "per_device_batch_size": 16, "max_length": 256}
+PIPELINE = MethodSpec(
+    config=FeedMEConfig, train=train, weight=1,
+    inputs=lambda run: dict(model_name_or_path=run.sft, preference_file=run.pairs, output_dir=run.out),
+    world_settings={"default": _WORLD, "quick": {**_WORLD, "epochs": 1}})

@@ -31,7 +31,7 @@ import torch
 import typer
 
 from prefgym.errors import ConfigError
-from prefgym.methods import common
+from prefgym.methods import common, fields
 from prefgym.methods.rloo import _check_common, reward_model_scorer, sequence_kl, train_group_policy
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
@@ -40,7 +40,7 @@ ADVANTAGE_EPS = 1e-4
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(fields.TrainFields, fields.LoraFields):
     policy_model: str = ""
     """SFT model folder (or hub name): the starting policy and the frozen reference."""
     reward_model: str = ""
@@ -92,14 +92,6 @@ class GRPOConfig:
     """Checkpoint (policy, optimizer, RNG, step) every this many steps."""
     resume: bool = True
     """Continue from the checkpoint in output_dir if there is one."""
-    use_lora: bool = False
-    """Train LoRA adapters (merged into the saved model); the reference is the policy without them."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA inputs."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,3 +237,18 @@ def add_commands(app: typer.Typer) -> None:
                      "steps": steps, "k": k, "resume": resume}
         cfg = common.load_config(GRPOConfig, config, overrides)
         typer.echo(f"grpo policy: {train(cfg)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# As a method of `prefgym run` (see prefgym.methods.registry)
+
+from prefgym.methods.registry import MethodSpec  # noqa: E402
+
+_WORLD = {"steps": 100, "per_device_prompts": 4, "k": 4, "lr": 5e-5, "beta": 0.04, "loss_type": "dapo",
+          "max_new_tokens": 64, "max_prompt_length": 256, "temperature": 1.0, "save_steps": 25}
+PIPELINE = MethodSpec(
+    config=GRPOConfig, train=train, weight=3,
+    inputs=lambda run: dict(policy_model=run.sft, reward_model=run.reward_model, prompt_file=run.splits["unlabeled"],
+                            output_dir=run.out),
+    labels=lambda cfg: "pairs" if cfg.reward == "model" else "none",  # the gold reward needs no labels
+    world_settings={"default": _WORLD, "quick": {**_WORLD, "steps": 10, "max_new_tokens": 32}})

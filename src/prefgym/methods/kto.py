@@ -33,17 +33,17 @@ import torch
 import typer
 
 from prefgym.data.preferences import annotated_pairs
-from prefgym.data.prompts import format_prompt
+from prefgym.data.prompts import format_record, make_prompt_formatter
 from prefgym.errors import ConfigError, DataError
 from prefgym.io import atomic_path
-from prefgym.methods import common
+from prefgym.methods import common, fields
 from prefgym.methods.dpo import PairLogps, _pair_batch, _reference_logps
 from prefgym.methods.simpo import load_pair_model, train_on_examples
 from prefgym.seeding import rng_for, seed_everything
 
 
 @dataclass
-class KTOConfig:
+class KTOConfig(fields.TrainFields, fields.LoraFields):
     model_name_or_path: str = ""
     """SFT model folder (or hub name): the starting policy and, by default, the reference."""
     reference_model: str = ""
@@ -82,14 +82,6 @@ class KTOConfig:
     """Checkpoint (model, optimizer, RNG, step) every this many optimizer steps."""
     resume: bool = True
     """Continue from the checkpoint in output_dir if there is one."""
-    use_lora: bool = False
-    """Train LoRA adapters (merged into the saved model) instead of all weights."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA inputs."""
 
 
 def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, policy_kl_logps: torch.Tensor,
@@ -113,19 +105,19 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, policy_kl_logp
 # Data
 
 
-def examples_from_pairs(records: list[dict], path=None) -> list[tuple[str, str, bool]]:
+def examples_from_pairs(records: list[dict], path=None, fmt=format_record) -> list[tuple[str, str, bool]]:
     """(prompt, completion, desirable) twice per pair: the favoured output True, the other False; ties skipped."""
     out = []
     for _, r, pref in annotated_pairs(records, path=path):
         if pref.winner is None:
             continue
-        prompt = format_prompt(r["instruction"], r.get("input", ""))
+        prompt = fmt(r)
         better, worse = (r["output_1"], r["output_2"]) if pref.winner == 1 else (r["output_2"], r["output_1"])
         out += [(prompt, better, True), (prompt, worse, False)]
     return out
 
 
-def examples_from_unpaired(records: list[dict], path=None) -> list[tuple[str, str, bool]]:
+def examples_from_unpaired(records: list[dict], path=None, fmt=format_record) -> list[tuple[str, str, bool]]:
     """(prompt, completion, desirable) from rows with instruction, input, output and a boolean label."""
     out = []
     for i, r in enumerate(records):
@@ -137,7 +129,7 @@ def examples_from_unpaired(records: list[dict], path=None) -> list[tuple[str, st
                             path=path, row=i, field="label")
         if not isinstance(r["output"], str):
             raise DataError(f"expected a string, got {type(r['output']).__name__}", path=path, row=i, field="output")
-        out.append((format_prompt(r["instruction"], r.get("input", "") or ""), r["output"], r["label"]))
+        out.append((fmt(r), r["output"], r["label"]))
     return out
 
 
@@ -151,16 +143,17 @@ def with_mismatched_completions(examples: list[tuple[str, str, bool]], seed: int
             for i, (prompt, completion, label) in enumerate(examples)]
 
 
-def load_examples(cfg: KTOConfig, records: list[dict] | None, unpaired: list[dict] | None) -> list[tuple]:
-    """Examples from the pairs and/or the unpaired rows, each with its mismatched completion."""
+def load_examples(cfg: KTOConfig, records: list[dict] | None, unpaired: list[dict] | None,
+                  fmt=format_record) -> list[tuple]:
+    """Examples from the pairs and/or the unpaired rows, each with its mismatched completion; `fmt` makes the prompts."""
     if records is None and cfg.preference_file:
         records = common.load_split(cfg.preference_file, ("instruction", "output_1", "output_2", "preference"))
     if unpaired is None and cfg.unpaired_file:
         unpaired = common.load_split(cfg.unpaired_file, ("instruction", "output", "label"))
     if records is None and unpaired is None:
         raise ConfigError("kto: preference_file (pairs) or unpaired_file (rows with a label) is required")
-    examples = examples_from_pairs(records, cfg.preference_file or None) if records is not None else []
-    examples += examples_from_unpaired(unpaired, cfg.unpaired_file or None) if unpaired is not None else []
+    examples = examples_from_pairs(records, cfg.preference_file or None, fmt) if records is not None else []
+    examples += examples_from_unpaired(unpaired, cfg.unpaired_file or None, fmt) if unpaired is not None else []
     if not examples:
         raise DataError("no examples to train on (all pairs ties or unannotated)",
                         path=cfg.preference_file or cfg.unpaired_file or None)
@@ -182,14 +175,14 @@ def _check(cfg: KTOConfig) -> None:
 
 def _cached_reference_logps(cfg: KTOConfig, accelerator, model, tokenizer, examples, out: Path) -> torch.Tensor:
     """(N, 2) reference log-probs of (completion, mismatched completion), computed once and cached."""
-    from transformers import AutoModelForCausalLM
+    from prefgym.models.loading import load_policy
 
     ref_file = out / "reference_logps.pt"
     if cfg.resume and ref_file.exists():
         ref_logps = torch.load(ref_file)
     else:
-        ref_model = model if not cfg.reference_model else PairLogps(AutoModelForCausalLM.from_pretrained(
-            cfg.reference_model, dtype=torch.float32)).to(accelerator.device)
+        ref_model = model if not cfg.reference_model else PairLogps(load_policy(
+            cfg.reference_model, cfg, trainable=False)).to(accelerator.device)
         ref_logps = _reference_logps(accelerator, ref_model, tokenizer, examples, cfg)
         del ref_model
         if accelerator.is_main_process:
@@ -212,10 +205,11 @@ def train(cfg: KTOConfig, records: list[dict] | None = None, unpaired: list[dict
     common.check_output_dir(cfg, out / "train_config.json")
     if cfg.resume and (out / "model.safetensors").exists() and not (out / "checkpoint").exists():
         return out  # already complete
-    accelerator = Accelerator()
+    accelerator = Accelerator(**fields.accelerator_kwargs(cfg, out))
+    fields.start_tracking(accelerator, cfg, "kto")
     seed_everything(cfg.seed)
-    examples = load_examples(cfg, records, unpaired)
     model, tokenizer = load_pair_model(cfg)
+    examples = load_examples(cfg, records, unpaired, make_prompt_formatter(tokenizer, cfg.prompt_format))
     model.to(accelerator.device)
     ref_logps = _cached_reference_logps(cfg, accelerator, model, tokenizer, examples, out)
 
@@ -261,3 +255,15 @@ def add_commands(app: typer.Typer) -> None:
                      "unpaired_file": unpaired, "output_dir": output_dir, "beta": beta, "resume": resume}
         cfg = common.load_config(KTOConfig, config, overrides)
         typer.echo(f"kto policy: {train(cfg)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# As a method of `prefgym run` (see prefgym.methods.registry)
+
+from prefgym.methods.registry import MethodSpec  # noqa: E402
+
+_WORLD = {"epochs": 2, "lr": 3e-5, "beta": 0.1, "per_device_batch_size": 16, "max_length": 256}
+PIPELINE = MethodSpec(
+    config=KTOConfig, train=train, weight=1,
+    inputs=lambda run: dict(model_name_or_path=run.sft, preference_file=run.pairs, output_dir=run.out),
+    world_settings={"default": _WORLD, "quick": {**_WORLD, "epochs": 1}})

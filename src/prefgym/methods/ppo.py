@@ -23,16 +23,16 @@ import torch
 import torch.nn.functional as F
 import typer
 
-from prefgym.data.prompts import format_prompt
+from prefgym.data.prompts import make_prompt_formatter
 from prefgym.errors import ConfigError
 from prefgym.io import append_jsonl
-from prefgym.methods import common
+from prefgym.methods import common, fields
 from prefgym.methods.sft import CRASH_AFTER_STEP_ENV
 from prefgym.seeding import rng_for, seed_everything, stable_hash
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(fields.TrainFields, fields.LoraFields):
     policy_model: str = ""
     """SFT model folder (or hub name): the starting policy and the frozen reference."""
     reward_model: str = ""
@@ -102,14 +102,7 @@ class PPOConfig:
     evaluate it over training (win-rate vs steps shows reward over-optimization); not with LoRA."""
     resume: bool = True
     """Continue from the checkpoint in output_dir if there is one."""
-    use_lora: bool = False
-    """Train LoRA adapters on policy and value model; the reference is the policy without them."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA inputs."""
+    # use_lora (LoraFields): LoRA adapters on policy and value model; the reference is the policy without them.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,22 +261,22 @@ def init_value_head(value_model, how: str, normalization: dict) -> None:
 
 
 def _load_models(cfg: PPOConfig):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     from prefgym.methods.reward_model import RewardScorer
+    from prefgym.models.loading import load_policy, load_score_model
 
     tokenizer = common.load_tokenizer(cfg.policy_model)
-    policy = AutoModelForCausalLM.from_pretrained(cfg.policy_model, dtype=torch.float32)
-    scorer = RewardScorer(cfg.reward_model)
+    policy = load_policy(cfg.policy_model, cfg)
+    scorer = RewardScorer(cfg.reward_model, model_cfg=cfg)
     if scorer.tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(f"ppo: the reward model {cfg.reward_model} and the policy {cfg.policy_model} use "
                           "different tokenizers; train the reward model from the same SFT model")
-    value_model = AutoModelForSequenceClassification.from_pretrained(cfg.reward_model, dtype=torch.float32)
+    scorer.check_prompt_format(tokenizer, cfg.prompt_format, "ppo")
+    value_model = load_score_model(cfg.reward_model, cfg, num_labels=None)
     value_model.config.pad_token_id = tokenizer.pad_token_id
     init_value_head(value_model, cfg.value_init, scorer.normalization)
     reference = None
     if not cfg.use_lora:  # with LoRA, the reference is the policy with its adapters disabled
-        reference = AutoModelForCausalLM.from_pretrained(cfg.policy_model, dtype=torch.float32)
+        reference = load_policy(cfg.policy_model, cfg, trainable=False)
         reference.requires_grad_(False)
         reference.eval()
     policy = common.apply_lora(policy, cfg, "CAUSAL_LM")
@@ -322,12 +315,13 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
     out = Path(cfg.output_dir)
     if cfg.resume and (out / "model.safetensors").exists() and not (out / "checkpoint").exists():
         return out  # already complete
-    accelerator = Accelerator()
+    accelerator = Accelerator(**fields.accelerator_kwargs(cfg, out))
+    fields.start_tracking(accelerator, cfg, "ppo")
     seed_everything(cfg.seed)
     if prompts is None:
         prompts = common.load_split(cfg.prompt_file, ("instruction",))
-    prompt_texts = [format_prompt(p["instruction"], p.get("input", "")) for p in prompts]
     tokenizer, model, reference, scorer = _load_models(cfg)
+    prompt_texts = [make_prompt_formatter(tokenizer, cfg.prompt_format)(p) for p in prompts]
     scorer.to(accelerator.device)
     if reference is not None:
         reference.to(accelerator.device)
@@ -438,6 +432,7 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
                        "elapsed_s": round(time.time() - t0, 2)}
             if cfg.adaptive_kl:
                 kl_coef = update_kl_coef(kl_coef, s[2], cfg.kl_target, cfg.kl_horizon, global_batch)
+            fields.track(accelerator, metrics)
             if accelerator.is_main_process:
                 append_jsonl(out / "metrics.jsonl", metrics)
                 if cfg.sample_log_steps and (step - 1) % cfg.sample_log_steps == 0:
@@ -459,6 +454,7 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
     if accelerator.is_main_process:
         common.save_model(accelerator.unwrap_model(model).policy, tokenizer, out)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+    fields.finish_tracking(accelerator)
     accelerator.wait_for_everyone()
     return out
 
@@ -490,3 +486,19 @@ def add_commands(app: typer.Typer) -> None:
                      "resume": resume}
         cfg = common.load_config(PPOConfig, config, overrides)
         typer.echo(f"ppo policy: {train(cfg)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# As a method of `prefgym run` (see prefgym.methods.registry)
+
+from prefgym.methods.registry import MethodSpec  # noqa: E402
+
+_WORLD = {"steps": 100, "lr": 5e-5, "kl_coef": 0.1, "snapshot_steps": 25, "per_device_rollout_batch_size": 16,
+          "num_mini_batches": 2, "ppo_epochs": 2, "max_new_tokens": 64, "max_prompt_length": 256,
+          "temperature": 1.0, "save_steps": 10}
+PIPELINE = MethodSpec(
+    config=PPOConfig, train=train, weight=4,
+    inputs=lambda run: dict(policy_model=run.sft, reward_model=run.reward_model, prompt_file=run.splits["unlabeled"],
+                            output_dir=run.out),
+    world_settings={"default": _WORLD,
+                    "quick": {**_WORLD, "steps": 6, "max_new_tokens": 32, "save_steps": 3, "snapshot_steps": 3}})

@@ -18,14 +18,14 @@ from pathlib import Path
 import typer
 
 from prefgym.errors import ConfigError
-from prefgym.data.prompts import format_record
+from prefgym.data.prompts import make_prompt_formatter
 from prefgym.io import append_jsonl, write_json, write_jsonl
-from prefgym.methods import common
+from prefgym.methods import common, fields
 from prefgym.seeding import stable_hash
 
 
 @dataclass
-class PreferenceDataConfig:
+class PreferenceDataConfig(fields.ModelFields):
     policy_model: str = ""
     """SFT model folder (or hub name) whose samples are compared."""
     prompt_file: str = ""
@@ -92,12 +92,14 @@ def run(cfg: PreferenceDataConfig, records: list[dict] | None = None) -> Path:
         task = progress.add_task("sampling", total=len(records), completed=len(done), info="")
         for start in range(len(done), len(records), cfg.chunk_size):
             if model is None:
-                model, tokenizer = load_model_and_tokenizer(cfg.policy_model, device="auto", padding_side="left")
+                model, tokenizer = load_model_and_tokenizer(cfg.policy_model, device="auto", padding_side="left",
+                                                            cfg=cfg)
+                fmt = make_prompt_formatter(tokenizer, cfg.prompt_format)
             chunk = records[start:start + cfg.chunk_size]
             sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                                       num_samples=cfg.num_samples, batch_size=cfg.batch_size,
                                       seed=stable_hash(cfg.seed, "preference-data", start) % 2**31)
-            outputs = generate(model, tokenizer, [format_record(r) for r in chunk], sampling)
+            outputs = generate(model, tokenizer, [fmt(r) for r in chunk], sampling)
             for rec, outs in zip(chunk, outputs):
                 row = {"instruction": rec["instruction"], "input": rec.get("input") or "", "outputs": outs,
                        "generator": Path(cfg.policy_model).name}
@@ -129,7 +131,13 @@ def add_commands(app: typer.Typer) -> None:
         set_: list[str] = typer.Option([], "--set", help="Config override key=value (repeatable)."),
         resume: bool = typer.Option(None, "--resume/--no-resume", help="Reuse samples already written (default: yes)."),
     ):
-        """Sample pairs of outputs from the SFT policy and annotate them (AlpacaFarm format)."""
+        """Sample pairs of outputs from the SFT policy and annotate them (AlpacaFarm format).
+
+        Reads: --policy (SFT model folder), --prompts (the preference split), --annotators.
+        Writes to --out: samples.jsonl (the samples, appended as they come: rerun to resume) and
+        preferences.json (pairs with preference, annotator, price and time), and the annotation
+        cache of the judges' answers.
+        """
         overrides = {**common.parse_overrides(set_), "policy_model": policy, "prompt_file": prompts, "split": split,
                      "output_dir": output_dir, "annotators": annotators, "num_samples": num_samples,
                      "resume": resume}

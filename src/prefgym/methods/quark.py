@@ -44,12 +44,13 @@ import torch.nn.functional as F
 import typer
 
 from prefgym.errors import ConfigError
+from prefgym.methods import fields
 
 POOL_FILE = "pool.jsonl"
 
 
 @dataclass
-class QuarkConfig:
+class QuarkConfig(fields.TrainFields, fields.LoraFields):
     """Quark settings (AlpacaFarm: K=5 reward tokens, kl_coef 0.05, temperature 1.0, lr 3e-6 for 7B models)."""
 
     policy_model: str = ""
@@ -104,14 +105,7 @@ class QuarkConfig:
     """Seed of the prompt order, rollouts and training batches."""
     resume: bool = True
     """Continue from the checkpoint in output_dir if there is one (False: start over)."""
-    use_lora: bool = False
-    """Train LoRA adapters (plus the control-token embeddings; merged into the saved model)."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA inputs."""
+    # use_lora (LoraFields): LoRA adapters plus the control-token embeddings, merged into the saved model.
     disable_dropout: bool = True
     """Turn dropout off in the policy and the reference (TRL's default): the KL term compares the
     two models as they sample."""
@@ -140,8 +134,9 @@ def assign_quantiles(rewards, num_quantiles: int) -> np.ndarray:
 
 
 def quark_loss(policy, reference, tokenizer, samples: list[dict], quantiles, tokens: list[str],
-               kl_coef: float, entropy_coef: float, max_length: int) -> tuple[torch.Tensor, dict]:
-    """Quark's objective on pool samples (instruction, input, output) with their quantile indices.
+               kl_coef: float, entropy_coef: float, max_length: int, fmt=None) -> tuple[torch.Tensor, dict]:
+    """Quark's objective on pool samples (instruction, input, output) with their quantile indices;
+    `fmt` makes a record's prompt (default: the Alpaca prompt).
 
     Returns (loss, stats): loss = NLL + kl_coef * KL - entropy_coef * entropy, each a mean over
     the batch's response tokens.
@@ -150,10 +145,11 @@ def quark_loss(policy, reference, tokenizer, samples: list[dict], quantiles, tok
     from prefgym.methods import common
     from prefgym.methods.reward_conditioning import with_control_token
 
+    fmt = fmt or format_record
     device = next(policy.parameters()).device
     responses = [s["output"] for s in samples]
-    conditioned = [format_record(with_control_token([s], tokens[q])[0]) for s, q in zip(samples, quantiles)]
-    plain = [format_record(s) for s in samples]
+    conditioned = [fmt(with_control_token([s], tokens[q])[0]) for s, q in zip(samples, quantiles)]
+    plain = [fmt(s) for s in samples]
     pb = common.tokenize_prompt_response(tokenizer, conditioned, responses, max_length)
     rb = common.tokenize_prompt_response(tokenizer, plain, responses, max_length)
     pb, rb = ({k: v.to(device) for k, v in b.items()} for b in (pb, rb))
@@ -190,7 +186,8 @@ def train(cfg: QuarkConfig) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
-    from prefgym.data import format_record, load_records
+    from prefgym.data import load_records
+    from prefgym.data.prompts import make_prompt_formatter
     from prefgym.io import append_jsonl, read_records, write_json, write_jsonl
     from prefgym.methods import common
     from prefgym.methods.reward_conditioning import add_control_tokens, with_control_token, write_conditioning
@@ -210,7 +207,8 @@ def train(cfg: QuarkConfig) -> Path:
 
     # Several processes without a GPU: data-parallel on CPU (gloo), as `train_sft` does.
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(cpu=cpu)
+    accelerator = Accelerator(cpu=cpu, **fields.accelerator_kwargs(cfg, out))
+    fields.start_tracking(accelerator, cfg, "quark")
     n_proc, rank = accelerator.num_processes, accelerator.process_index
     if cfg.rollout_batch_size % n_proc:
         raise ConfigError(f"quark: rollout_batch_size {cfg.rollout_batch_size} is not a multiple of the "
@@ -220,7 +218,8 @@ def train(cfg: QuarkConfig) -> Path:
     tokens = quark_tokens(cfg.num_quantiles)
 
     # Policy: the SFT model with K reward tokens; reference: the SFT model itself, frozen.
-    policy, tokenizer = load_model_and_tokenizer(cfg.policy_model, device=accelerator.device)
+    policy, tokenizer = load_model_and_tokenizer(cfg.policy_model, device=accelerator.device, cfg=cfg)
+    fmt = make_prompt_formatter(tokenizer, cfg.prompt_format)
     control_ids = add_control_tokens(policy, tokenizer, tokens)
     if cfg.use_lora:
         from peft import LoraConfig, get_peft_model
@@ -228,13 +227,14 @@ def train(cfg: QuarkConfig) -> Path:
         policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                    lora_dropout=cfg.lora_dropout, target_modules="all-linear",
                                                    trainable_token_indices=control_ids, task_type="CAUSAL_LM"))
-    reference, _ = load_model_and_tokenizer(cfg.policy_model, device=accelerator.device)
+    reference, _ = load_model_and_tokenizer(cfg.policy_model, device=accelerator.device,
+                                            cfg=dataclasses.replace(cfg, gradient_checkpointing=False))
     reference.requires_grad_(False)
     reference.eval()
     if cfg.disable_dropout:
         common.disable_dropout(policy)
         common.disable_dropout(reference)
-    scorer = RewardScorer(cfg.reward_model, device=accelerator.device)
+    scorer = RewardScorer(cfg.reward_model, device=accelerator.device, model_cfg=cfg)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     policy, optimizer = accelerator.prepare(policy, optimizer)
@@ -266,7 +266,7 @@ def train(cfg: QuarkConfig) -> Path:
             # The untrained token means nothing on the first rollout.
             token = tokens[0] if it > 0 and not cfg.train_on_best_quantile else ""
             texts, finished = generate_with_eos(
-                accelerator.unwrap_model(policy), tokenizer, [format_record(r) for r in with_control_token(batch, token)],
+                accelerator.unwrap_model(policy), tokenizer, [fmt(r) for r in with_control_token(batch, token)],
                 dataclasses.replace(sampling, seed=stable_hash(cfg.seed, "quark-rollout", it, rank)))
             samples = [{**r, "output": t[0]} for r, t in zip(batch, texts)]
             rewards = common.missing_eos_scores(scorer.score(samples), [f[0] for f in finished], cfg.missing_eos_penalty)
@@ -296,7 +296,7 @@ def train(cfg: QuarkConfig) -> Path:
                     with accelerator.no_sync(policy) if m < cfg.grad_accum - 1 else nullcontext():
                         loss, s = quark_loss(policy, reference, tokenizer, [pool[i] for i in micro],
                                              quantiles[micro], train_tokens, cfg.kl_coef, cfg.entropy_coef,
-                                             cfg.max_length)
+                                             cfg.max_length, fmt)
                         accelerator.backward(loss / cfg.grad_accum)
                     stats.append(s)
                 if cfg.max_grad_norm > 0:
@@ -312,6 +312,7 @@ def train(cfg: QuarkConfig) -> Path:
                    **{k: accelerator.reduce(torch.tensor(float(np.mean([s[k] for s in stats]))), "mean").item()
                       for k in ("loss", "nll", "kl", "entropy")},
                    "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 2)}
+            fields.track(accelerator, row, step=it + 1)
             if accelerator.is_main_process:
                 append_jsonl(metrics_file, row)
                 write_jsonl(pool_file, pool)
@@ -385,3 +386,18 @@ def add_commands(app: typer.Typer) -> None:
         path = train(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
             typer.echo(f"wrote {path} (generate with '<quark_0>' in front of the instruction)")
+
+
+# ---------------------------------------------------------------------------------------------
+# As a method of `prefgym run` (see prefgym.methods.registry)
+
+from prefgym.methods.registry import MethodSpec  # noqa: E402
+
+_WORLD = {"iterations": 4, "rollout_batch_size": 64, "steps_per_iteration": 8, "lr": 1e-4, "entropy_coef": 0.0,
+          "max_new_tokens": 64, "generation_batch_size": 64, "max_length": 256}
+PIPELINE = MethodSpec(
+    config=QuarkConfig, train=train, weight=3,
+    inputs=lambda run: dict(policy_model=run.sft, reward_model=run.reward_model, prompts_file=run.splits["unlabeled"],
+                            output_dir=run.out),
+    world_settings={"default": _WORLD, "quick": {**_WORLD, "iterations": 2, "rollout_batch_size": 32,
+                                                 "steps_per_iteration": 2, "max_new_tokens": 32}})

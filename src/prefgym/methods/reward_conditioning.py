@@ -67,7 +67,7 @@ def write_conditioning(out_dir: str | os.PathLike, token: str, method: str, extr
     write_text_atomic(out_dir / "README.md", (
         f"# {method} policy\n\n"
         f"This model was trained with control tokens. To get its best outputs, put `{token}` in front of\n"
-        f"the instruction of the Alpaca prompt (`format_prompt('{token}' + instruction, input)`).\n"
+        f"the instruction, inside the prompt format it was trained with (Alpaca or the chat template's user turn).\n"
         "`prefgym.methods.reward_conditioning.generate_conditioned_outputs` does this from\n"
         f"`{CONDITIONING_FILE}`.\n"))
 
@@ -243,3 +243,15 @@ def add_commands(app: typer.Typer) -> None:
         path = train(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
             typer.echo(f"wrote {path} (generate with {cfg.good_token!r} in front of the instruction)")
+
+
+# ---------------------------------------------------------------------------------------------
+# As a method of `prefgym run` (see prefgym.methods.registry)
+
+from prefgym.methods.registry import MethodSpec  # noqa: E402
+
+_WORLD = {"lr": 2e-4, "epochs": 2, "per_device_batch_size": 16, "max_length": 256}
+PIPELINE = MethodSpec(
+    config=RewardConditioningConfig, train=train, weight=1,
+    inputs=lambda run: dict(model_name_or_path=run.sft, preference_file=run.pairs, output_dir=run.out),
+    world_settings={"default": _WORLD, "quick": {**_WORLD, "epochs": 1}})

@@ -27,17 +27,17 @@ import torch.nn.functional as F
 import typer
 
 from prefgym.data.preferences import annotated_pairs
-from prefgym.data.prompts import format_prompt
+from prefgym.data.prompts import format_record, make_prompt_formatter
 from prefgym.errors import ConfigError, DataError
 from prefgym.io import append_jsonl, write_json
-from prefgym.methods import common
+from prefgym.methods import common, fields
 from prefgym.seeding import rng_for, seed_everything
 
 NORMALIZATION_FILE = "reward_normalization.json"
 
 
 @dataclass
-class RewardModelConfig:
+class RewardModelConfig(fields.TrainFields, fields.LoraFields):
     model_name_or_path: str = ""
     """SFT model folder (or hub name) the reward model starts from."""
     preference_file: str = ""
@@ -70,14 +70,6 @@ class RewardModelConfig:
     """Checkpoint (model, optimizer, RNG, step) every this many optimizer steps."""
     resume: bool = True
     """Continue from the checkpoint in output_dir if there is one."""
-    use_lora: bool = False
-    """Train LoRA adapters (merged into the saved model) instead of all weights."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA inputs."""
 
 
 def _pairs_and_targets(records: list[dict], path=None) -> tuple[list[dict], list[float]]:
@@ -104,9 +96,10 @@ def bradley_terry_loss(score_1: torch.Tensor, score_2: torch.Tensor, target: tor
     return F.binary_cross_entropy_with_logits(score_1 - score_2, target)
 
 
-def _pair_scores(model, tokenizer, pairs: list[dict], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards (B,), (B,) of output_1 and output_2, in one forward pass."""
-    prompts = [format_prompt(p["instruction"], p.get("input", "")) for p in pairs]
+def _pair_scores(model, tokenizer, pairs: list[dict], max_length: int, device, fmt=format_record
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards (B,), (B,) of output_1 and output_2, in one forward pass; `fmt` makes the prompts."""
+    prompts = [fmt(p) for p in pairs]
     batch = common.tokenize_prompt_response(tokenizer, prompts * 2,
                                             [p["output_1"] for p in pairs] + [p["output_2"] for p in pairs],
                                             max_length)
@@ -119,7 +112,8 @@ def _pair_scores(model, tokenizer, pairs: list[dict], max_length: int, device) -
 def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
     """Train a reward model; returns its folder (save_pretrained + reward_normalization.json)."""
     from accelerate import Accelerator
-    from transformers import AutoModelForSequenceClassification
+
+    from prefgym.models.loading import load_score_model
 
     if not cfg.model_name_or_path or not cfg.output_dir:
         raise ConfigError("reward model: model_name_or_path and output_dir are required")
@@ -128,7 +122,8 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
     out = Path(cfg.output_dir)
     if (out / NORMALIZATION_FILE).exists() and cfg.resume:
         return out  # already complete
-    accelerator = Accelerator()
+    accelerator = Accelerator(**fields.accelerator_kwargs(cfg, out))
+    fields.start_tracking(accelerator, cfg, "reward_model")
     seed_everything(cfg.seed)
 
     # 1. Data: annotated pairs, a seeded held-out split.
@@ -141,8 +136,8 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
 
     # 2. Model: SFT weights + a fresh scalar head.
     tokenizer = common.load_tokenizer(cfg.model_name_or_path)
-    model = AutoModelForSequenceClassification.from_pretrained(cfg.model_name_or_path, num_labels=1,
-                                                               dtype=torch.float32)
+    fmt = make_prompt_formatter(tokenizer, cfg.prompt_format)
+    model = load_score_model(cfg.model_name_or_path, cfg, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.disable_dropout:
         common.disable_dropout(model)
@@ -187,7 +182,7 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
                 idx = batch_idx[start:start + cfg.per_device_batch_size]
                 with common.no_sync_unless(accelerator, model, micro == cfg.grad_accum - 1):
                     s1, s2 = _pair_scores(model, tokenizer, [pairs[i] for i in idx], cfg.max_length,
-                                          accelerator.device)
+                                          accelerator.device, fmt)
                     target = torch.tensor([targets[i] for i in idx], device=accelerator.device)
                     loss = bradley_terry_loss(s1, s2, target)
                     accelerator.backward(loss / cfg.grad_accum)
@@ -204,6 +199,7 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
                        "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 2)}
             if accelerator.is_main_process:
                 append_jsonl(out / "metrics.jsonl", metrics)
+            fields.track(accelerator, metrics)
             progress.update(task, advance=1, info=f"loss {metrics['loss']:.3f} acc {metrics['accuracy']:.2f}")
             if step % cfg.save_steps == 0 and step < total_steps:
                 common.save_checkpoint(accelerator, ckpt_dir, {"step": step})
@@ -212,7 +208,7 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
     model.eval()
     eval_pairs = [pairs[i] for i in eval_idx]
     eval_targets = np.array([targets[i] for i in eval_idx])
-    raw = _raw_scores_sharded(accelerator, model, tokenizer, eval_pairs, cfg, both=True)
+    raw = _raw_scores_sharded(accelerator, model, tokenizer, eval_pairs, cfg, both=True, fmt=fmt)
     eval_metrics = {"eval_pairs": len(eval_pairs)}
     if len(eval_pairs):
         s1, s2 = raw[: len(eval_pairs)], raw[len(eval_pairs):]
@@ -228,7 +224,7 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
         samples = sorted(samples)
         raw = _raw_scores_sharded(accelerator, model, tokenizer,
                                   [{"instruction": a, "input": b, "output_1": c} for a, b, c in samples],
-                                  cfg, both=False)
+                                  cfg, both=False, fmt=fmt)
         normalization = {"mean": float(raw.mean()), "std": float(raw.std()) or 1.0}
 
     accelerator.wait_for_everyone()
@@ -236,8 +232,11 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
         common.save_model(accelerator.unwrap_model(model).model, tokenizer, out)
         write_json(out / "eval_results.json", eval_metrics)
         write_json(out / NORMALIZATION_FILE, {**normalization, "max_length": cfg.max_length,
-                                              "n_samples": len(pairs) * 2})
+                                              "n_samples": len(pairs) * 2, "prompt_format": cfg.prompt_format})
         append_jsonl(out / "metrics.jsonl", {"step": step, **eval_metrics})
+    fields.track(accelerator, {"step": step, **eval_metrics})
+    fields.finish_tracking(accelerator)
+    if accelerator.is_main_process:
         import shutil
 
         shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -246,7 +245,8 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
 
 
 @torch.no_grad()
-def _raw_scores_sharded(accelerator, model, tokenizer, pairs: list[dict], cfg, both: bool) -> np.ndarray:
+def _raw_scores_sharded(accelerator, model, tokenizer, pairs: list[dict], cfg, both: bool, fmt=format_record
+                        ) -> np.ndarray:
     """Unnormalised rewards of output_1 (then output_2 if `both`), computed in shards across processes."""
     from accelerate.utils import gather_object
 
@@ -255,7 +255,7 @@ def _raw_scores_sharded(accelerator, model, tokenizer, pairs: list[dict], cfg, b
     results = []
     for s in range(0, len(mine), cfg.per_device_batch_size):
         chunk = [pairs[i] for i in mine[s:s + cfg.per_device_batch_size]]
-        prompts = [format_prompt(p["instruction"], p.get("input", "")) for p in chunk]
+        prompts = [fmt(p) for p in chunk]
         outputs = [p["output_1"] for p in chunk] + ([p["output_2"] for p in chunk] if both else [])
         batch = common.tokenize_prompt_response(tokenizer, prompts * (2 if both else 1), outputs, cfg.max_length)
         ids, mask = batch["input_ids"].to(accelerator.device), batch["attention_mask"].to(accelerator.device)
@@ -269,10 +269,16 @@ def _raw_scores_sharded(accelerator, model, tokenizer, pairs: list[dict], cfg, b
 
 
 class RewardScorer:
-    """A trained reward model held in memory: normalised rewards for texts or token batches."""
+    """A trained reward model held in memory: normalised rewards for texts or token batches.
 
-    def __init__(self, rm_path: str | Path, device: str | torch.device | None = None, batch_size: int = 16):
-        from transformers import AutoModelForSequenceClassification
+    Records are prompted as the reward model was trained (the `prompt_format` saved with its
+    normalisation; alpaca for folders written before it was saved). `model_cfg` (any config with
+    ModelFields: dtype, attn_implementation) says how to load it; default float32.
+    """
+
+    def __init__(self, rm_path: str | Path, device: str | torch.device | None = None, batch_size: int = 16,
+                 model_cfg=None):
+        from prefgym.models.loading import load_score_model
 
         self.path = Path(rm_path)
         norm_file = self.path / NORMALIZATION_FILE
@@ -280,12 +286,24 @@ class RewardScorer:
         self.max_length = int(self.normalization.get("max_length", 512))
         self.batch_size = batch_size
         self.tokenizer = common.load_tokenizer(self.path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(self.path), dtype=torch.float32)
+        self.format = make_prompt_formatter(self.tokenizer, self.normalization.get("prompt_format", "alpaca"))
+        self.model = load_score_model(self.path, model_cfg or fields.ModelFields(), num_labels=None, trainable=False)
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.requires_grad_(False)
         self.model.eval()
         if device is not None:
             self.model.to(device)
+
+    def check_prompt_format(self, tokenizer, prompt_format: str, who: str) -> None:
+        """ConfigError when a policy prompted with `prompt_format` would show this reward model
+        prompts formatted otherwise than it was trained on."""
+        from prefgym.data.prompts import resolve_prompt_format
+
+        mine = resolve_prompt_format(self.tokenizer, self.normalization.get("prompt_format", "alpaca"))
+        theirs = resolve_prompt_format(tokenizer, prompt_format)
+        if mine != theirs:
+            raise ConfigError(f"{who}: the reward model {self.path} was trained on {mine} prompts but prompt_format "
+                              f"{prompt_format!r} gives {theirs} prompts; set prompt_format to {mine}")
 
     @property
     def device(self) -> torch.device:
@@ -318,7 +336,7 @@ class RewardScorer:
             for f in ("instruction", "output"):
                 if f not in r:
                     raise DataError("missing field", row=i, field=f)
-        return self.score_texts([format_prompt(r["instruction"], r.get("input", "")) for r in records],
+        return self.score_texts([self.format(r) for r in records],
                                 [r["output"] or "" for r in records])
 
 

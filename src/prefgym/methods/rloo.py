@@ -33,16 +33,16 @@ from typing import Callable
 import torch
 import typer
 
-from prefgym.data.prompts import format_prompt
+from prefgym.data.prompts import make_prompt_formatter
 from prefgym.errors import ConfigError
 from prefgym.io import append_jsonl
-from prefgym.methods import common
+from prefgym.methods import common, fields
 from prefgym.methods.sft import CRASH_AFTER_STEP_ENV
 from prefgym.seeding import rng_for, seed_everything, stable_hash
 
 
 @dataclass
-class RLOOConfig:
+class RLOOConfig(fields.TrainFields, fields.LoraFields):
     policy_model: str = ""
     """SFT model folder (or hub name): the starting policy and the frozen reference."""
     reward_model: str = ""
@@ -89,14 +89,6 @@ class RLOOConfig:
     """Checkpoint (policy, optimizer, RNG, step) every this many steps."""
     resume: bool = True
     """Continue from the checkpoint in output_dir if there is one."""
-    use_lora: bool = False
-    """Train LoRA adapters (merged into the saved model); the reference is the policy without them."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA inputs."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,13 +177,13 @@ def sample_groups(policy, reference, tokenizer, prompt_texts: list[str], rows: l
 
 def load_policy_and_reference(cfg, with_reference: bool):
     """Tokenizer, policy (LoRA-wrapped when cfg.use_lora) and frozen reference (None with LoRA or when not needed)."""
-    from transformers import AutoModelForCausalLM
+    from prefgym.models.loading import load_policy
 
     tokenizer = common.load_tokenizer(cfg.policy_model)
-    policy = AutoModelForCausalLM.from_pretrained(cfg.policy_model, dtype=torch.float32)
+    policy = load_policy(cfg.policy_model, cfg)
     reference = None
     if with_reference and not cfg.use_lora:
-        reference = AutoModelForCausalLM.from_pretrained(cfg.policy_model, dtype=torch.float32)
+        reference = load_policy(cfg.policy_model, cfg, trainable=False)
         reference.requires_grad_(False)
         reference.eval()
     policy = common.apply_lora(policy, cfg, "CAUSAL_LM")
@@ -205,10 +197,11 @@ def reward_model_scorer(cfg, tokenizer) -> Callable[[GroupRollout, list[dict]], 
     """Scores (N·k,) of a rollout by the reward model at cfg.reward_model (same tokenizer as the policy)."""
     from prefgym.methods.reward_model import RewardScorer
 
-    scorer = RewardScorer(cfg.reward_model)
+    scorer = RewardScorer(cfg.reward_model, model_cfg=cfg)
     if scorer.tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(f"the reward model {cfg.reward_model} and the policy {cfg.policy_model} use different "
                           "tokenizers; train the reward model from the same SFT model")
+    scorer.check_prompt_format(tokenizer, cfg.prompt_format, "the policy")
     if cfg.disable_dropout:
         common.disable_dropout(scorer.model)
 
@@ -250,12 +243,13 @@ def train_group_policy(cfg, prompts: list[dict] | None, name: str, score_fn_fact
     common.check_output_dir(cfg, out / "train_config.json")
     if cfg.resume and (out / "model.safetensors").exists() and not (out / "checkpoint").exists():
         return out  # already complete
-    accelerator = Accelerator()
+    accelerator = Accelerator(**fields.accelerator_kwargs(cfg, out))
+    fields.start_tracking(accelerator, cfg, name)
     seed_everything(cfg.seed)
     if prompts is None:
         prompts = common.load_split(cfg.prompt_file, ("instruction",))
-    prompt_texts = [format_prompt(p["instruction"], p.get("input", "")) for p in prompts]
     tokenizer, policy, reference = load_policy_and_reference(cfg, with_reference)
+    prompt_texts = [make_prompt_formatter(tokenizer, cfg.prompt_format)(p) for p in prompts]
     score_fn = score_fn_factory(tokenizer)
     if reference is not None:
         reference.to(accelerator.device)
@@ -335,6 +329,7 @@ def train_group_policy(cfg, prompts: list[dict] | None, name: str, score_fn_fact
                        **dict(zip(losses, u)), "elapsed_s": round(time.time() - t0, 2)}
             if accelerator.is_main_process:
                 append_jsonl(out / "metrics.jsonl", metrics)
+            fields.track(accelerator, metrics)
             progress.update(task, advance=1, info=f"score {metrics['score']:.3f} len {metrics['response_length']:.1f}")
 
             # 7. Checkpoint (policy, optimizer, RNG; step).
@@ -347,6 +342,7 @@ def train_group_policy(cfg, prompts: list[dict] | None, name: str, score_fn_fact
     if accelerator.is_main_process:
         common.save_model(accelerator.unwrap_model(model), tokenizer, out)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+    fields.finish_tracking(accelerator)
     accelerator.wait_for_everyone()
     return out
 
@@ -404,3 +400,17 @@ def add_commands(app: typer.Typer) -> None:
                      "resume": resume}
         cfg = common.load_config(RLOOConfig, config, overrides)
         typer.echo(f"rloo policy: {train(cfg)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# As a method of `prefgym run` (see prefgym.methods.registry)
+
+from prefgym.methods.registry import MethodSpec  # noqa: E402
+
+_WORLD = {"steps": 100, "per_device_prompts": 4, "k": 4, "lr": 5e-5, "kl_coef": 0.1, "max_new_tokens": 64,
+          "max_prompt_length": 256, "temperature": 1.0, "save_steps": 25}
+PIPELINE = MethodSpec(
+    config=RLOOConfig, train=train, weight=3,
+    inputs=lambda run: dict(policy_model=run.sft, reward_model=run.reward_model, prompt_file=run.splits["unlabeled"],
+                            output_dir=run.out),
+    world_settings={"default": _WORLD, "quick": {**_WORLD, "steps": 10, "max_new_tokens": 32}})

@@ -33,15 +33,16 @@ import torch.nn.functional as F
 import typer
 
 from prefgym.errors import ConfigError
+from prefgym.data.prompts import make_prompt_formatter
 from prefgym.io import append_jsonl
-from prefgym.methods import common
+from prefgym.methods import common, fields
 from prefgym.methods.dpo import PairLogps, _chosen_rejected, _pair_batch, flip_probability
 from prefgym.methods.sft import CRASH_AFTER_STEP_ENV
 from prefgym.seeding import rng_for, seed_everything
 
 
 @dataclass
-class SimPOConfig:
+class SimPOConfig(fields.TrainFields, fields.LoraFields):
     model_name_or_path: str = ""
     """SFT model folder (or hub name): the starting policy (no reference model is used)."""
     preference_file: str = ""
@@ -78,14 +79,6 @@ class SimPOConfig:
     """Checkpoint (model, optimizer, RNG, step) every this many optimizer steps."""
     resume: bool = True
     """Continue from the checkpoint in output_dir if there is one."""
-    use_lora: bool = False
-    """Train LoRA adapters (merged into the saved model) instead of all weights."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA inputs."""
 
 
 def simpo_loss(avg_chosen: torch.Tensor, avg_rejected: torch.Tensor, beta: float, gamma: float,
@@ -123,10 +116,10 @@ def _check(cfg: SimPOConfig) -> None:
 
 def load_pair_model(cfg) -> tuple[PairLogps, object]:
     """The policy as a `PairLogps` module (dropout off if cfg.disable_dropout) and its tokenizer."""
-    from transformers import AutoModelForCausalLM
+    from prefgym.models.loading import load_policy
 
     tokenizer = common.load_tokenizer(cfg.model_name_or_path)
-    model = PairLogps(AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=torch.float32))
+    model = PairLogps(load_policy(cfg.model_name_or_path, cfg))
     if cfg.disable_dropout:
         common.disable_dropout(model)
     return model, tokenizer
@@ -191,6 +184,7 @@ def train_on_examples(cfg, name: str, accelerator, model: PairLogps, tokenizer, 
                        "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 2)}
             if accelerator.is_main_process:
                 append_jsonl(out / "metrics.jsonl", metrics)
+            fields.track(accelerator, metrics)
             progress.update(task, advance=1, info=f"loss {s[0]:.3f}")
             if step % cfg.save_steps == 0 and step < total_steps:
                 common.save_checkpoint(accelerator, ckpt_dir, {"step": step})
@@ -201,6 +195,7 @@ def train_on_examples(cfg, name: str, accelerator, model: PairLogps, tokenizer, 
     if save and accelerator.is_main_process:
         common.save_model(accelerator.unwrap_model(model).model, tokenizer, out)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+    fields.finish_tracking(accelerator)
     accelerator.wait_for_everyone()
     return out
 
@@ -216,12 +211,13 @@ def train(cfg: SimPOConfig, records: list[dict] | None = None) -> Path:
     common.check_output_dir(cfg, out / "train_config.json")
     if cfg.resume and (out / "model.safetensors").exists() and not (out / "checkpoint").exists():
         return out  # already complete
-    accelerator = Accelerator()
+    accelerator = Accelerator(**fields.accelerator_kwargs(cfg, out))
+    fields.start_tracking(accelerator, cfg, "simpo")
     seed_everything(cfg.seed)
     if records is None:
         records = common.load_split(cfg.preference_file, ("instruction", "output_1", "output_2", "preference"))
-    examples = _chosen_rejected(records, cfg.preference_file or None)
     model, tokenizer = load_pair_model(cfg)
+    examples = _chosen_rejected(records, cfg.preference_file or None, make_prompt_formatter(tokenizer, cfg.prompt_format))
     model.to(accelerator.device)
 
     def batch_losses(model, idx):
@@ -261,3 +257,15 @@ def add_commands(app: typer.Typer) -> None:
                      "output_dir": output_dir, "beta": beta, "gamma": gamma, "resume": resume}
         cfg = common.load_config(SimPOConfig, config, overrides)
         typer.echo(f"simpo policy: {train(cfg)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# As a method of `prefgym run` (see prefgym.methods.registry)
+
+from prefgym.methods.registry import MethodSpec  # noqa: E402
+
+_WORLD = {"epochs": 2, "lr": 3e-5, "beta": 2.0, "gamma": 1.0, "per_device_batch_size": 16, "max_length": 256}
+PIPELINE = MethodSpec(
+    config=SimPOConfig, train=train, weight=1,
+    inputs=lambda run: dict(model_name_or_path=run.sft, preference_file=run.pairs, output_dir=run.out),
+    world_settings={"default": _WORLD, "quick": {**_WORLD, "epochs": 1}})

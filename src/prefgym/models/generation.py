@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from prefgym.data.prompts import format_record
+from prefgym.data.prompts import make_prompt_formatter
 from prefgym.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -174,8 +174,9 @@ def generate_with_eos(model, tokenizer, prompts: list[str], cfg: SamplingConfig,
 
 def generate_outputs(model_path: str | os.PathLike, records: list[dict], cfg: SamplingConfig,
                      generator: str | None = None, progress: bool = False,
-                     partial_file: str | os.PathLike | None = None) -> list[dict]:
-    """Sample responses for `records` (instruction, input) from the model at `model_path`.
+                     partial_file: str | os.PathLike | None = None, prompt_format: str = "auto") -> list[dict]:
+    """Sample responses for `records` (instruction, input) from the model at `model_path`, each
+    prompted as `prompt_format` says (`prefgym.data.prompts.make_prompt_formatter`).
 
     Returns AlpacaEval-format records: the input fields plus `output` and `generator` (the
     model folder's name by default); with `cfg.num_samples > 1`, `output` is the first sample
@@ -190,7 +191,8 @@ def generate_outputs(model_path: str | os.PathLike, records: list[dict], cfg: Sa
     from prefgym.seeding import stable_hash
 
     generator = generator or Path(model_path).name
-    run_key = stable_hash(str(model_path), json.dumps(dataclasses.asdict(cfg), sort_keys=True))
+    run_key = stable_hash(str(model_path), json.dumps(dataclasses.asdict(cfg), sort_keys=True),
+                          *([] if prompt_format == "auto" else [prompt_format]))
     keys = [str(stable_hash(run_key, i, r["instruction"], r.get("input") or "")) for i, r in enumerate(records)]
     done: dict[str, list[str]] = {}
     if partial_file is not None and Path(partial_file).exists():
@@ -205,9 +207,10 @@ def generate_outputs(model_path: str | os.PathLike, records: list[dict], cfg: Sa
             if any(s is None for s in samples[start:start + cfg.batch_size])]
     if todo:
         model, tokenizer = load_model_and_tokenizer(model_path, device="auto", padding_side="left")
+        fmt = make_prompt_formatter(tokenizer, prompt_format)
         for start in _progress(todo, progress, "generating"):
             chunk = records[start:start + cfg.batch_size]
-            outs = generate(model, tokenizer, [format_record(r) for r in chunk], cfg, first_index=start)
+            outs = generate(model, tokenizer, [fmt(r) for r in chunk], cfg, first_index=start)
             samples[start:start + len(chunk)] = outs
             if partial_file is not None:
                 for k, o in zip(keys[start:start + len(chunk)], outs):

@@ -14,13 +14,78 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
-    """A torch dtype from a name ("float32", "bf16", ...); "auto" and None pass through."""
-    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype from a name ("float32", "bf16", ...); "auto" is `auto_dtype()`; None passes through."""
+    if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return auto_dtype()
     if dtype not in _DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)} or auto")
     return _DTYPES[dtype]
+
+
+def auto_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """bfloat16 where the device computes in it natively, else float32.
+
+    CUDA: `torch.cuda.is_bf16_supported()` (Ampere and later). CPU: oneDNN's bf16 kernels
+    (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`: AVX512-BF16 or AMX); elsewhere bf16 on a CPU
+    is emulated and slower than fp32. `device` defaults to CUDA when there is one.
+    """
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    except (AttributeError, RuntimeError):
+        return torch.float32
+
+
+def model_kwargs(cfg) -> dict:
+    """`from_pretrained` keyword arguments from a config with ModelFields (dtype, attn_implementation)."""
+    kwargs = {"dtype": resolve_dtype(getattr(cfg, "dtype", "float32")) or torch.float32}
+    if getattr(cfg, "attn_implementation", None):
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    return kwargs
+
+
+def load_policy(path: str | os.PathLike, cfg, trainable: bool = True):
+    """A causal LM from `path` in cfg.dtype with cfg.attn_implementation; gradient checkpointing
+    when `trainable` and cfg.gradient_checkpointing. Stays on the CPU (Accelerate places it)."""
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM, path, cfg, trainable)
+
+
+def load_score_model(path: str | os.PathLike, cfg, num_labels: int | None = 1, trainable: bool = True):
+    """A sequence-classification model (score head) from `path`, as `load_policy`. `num_labels=None`
+    keeps the folder's head (a trained reward model); 1 makes a fresh scalar head when there is none."""
+    from transformers import AutoModelForSequenceClassification
+
+    extra = {} if num_labels is None else {"num_labels": num_labels}
+    return _load(AutoModelForSequenceClassification, path, cfg, trainable, **extra)
+
+
+def _load(auto_class, path, cfg, trainable: bool, **extra):
+    if not os.path.exists(path) and str(path).startswith((".", "/", "~")):
+        raise ConfigError(f"model folder not found: {path}")
+    try:
+        model = auto_class.from_pretrained(str(path), **model_kwargs(cfg), **extra)
+    except (OSError, ValueError, ImportError) as e:  # a missing folder, an unknown attn_implementation, no flash-attn
+        raise ConfigError(f"could not load {path} (dtype={getattr(cfg, 'dtype', None)}, "
+                          f"attn_implementation={getattr(cfg, 'attn_implementation', None)}): {str(e)[:300]}") from None
+    if trainable and getattr(cfg, "gradient_checkpointing", False):
+        enable_gradient_checkpointing(model, lora=getattr(cfg, "use_lora", False))
+    return model
+
+
+def enable_gradient_checkpointing(model, lora: bool = False) -> None:
+    """Non-reentrant activation checkpointing (TRL's default); with LoRA the embeddings' outputs
+    require grad so that gradients reach adapters behind frozen layers. The KV cache is off while
+    training (transformers turns it off under checkpointing anyway)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        model.enable_input_require_grads()
 
 
 def load_tokenizer(path: str | os.PathLike, padding_side: str = "right"):
@@ -39,24 +104,29 @@ def load_tokenizer(path: str | os.PathLike, padding_side: str = "right"):
 
 def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
                              device: str | torch.device | None = None, padding_side: str = "right",
-                             **model_kwargs):
+                             cfg=None, **model_kwargs):
     """Load a causal LM and its tokenizer from a folder (save_pretrained format) or Hub name.
 
     The tokenizer gets a pad token (EOS) when it has none, and `padding_side` ("right" for
     training, "left" for batched generation); the model's config learns the pad token id.
     `dtype` is a torch dtype or a name ("float32", "bfloat16", "auto"); default float32.
     `device` defaults to "cpu" (pass "cuda" or "auto" to use a GPU when one is there).
+    With `cfg` (a config with ModelFields), the model loads as `load_policy(path, cfg)` says
+    (dtype, attn_implementation, gradient checkpointing) and `dtype` is not used.
     """
     from transformers import AutoModelForCausalLM
 
     if not os.path.exists(path) and str(path).startswith((".", "/", "~")):
         raise ConfigError(f"model folder not found: {path}")
     tokenizer = load_tokenizer(path, padding_side=padding_side)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype) or torch.float32,
-                                                     **model_kwargs)
-    except OSError as e:
-        raise ConfigError(f"could not load a causal LM from {path}: {e}") from None
+    if cfg is not None:
+        model = load_policy(path, cfg)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype) or torch.float32,
+                                                         **model_kwargs)
+        except OSError as e:
+            raise ConfigError(f"could not load a causal LM from {path}: {e}") from None
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if "device_map" not in model_kwargs:  # with a device_map, Accelerate has placed the weights

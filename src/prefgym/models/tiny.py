@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prefgym.data.prompts import format_prompt
 
-TINY_ARCHS = ("llama", "gpt2", "qwen2")
+TINY_ARCHS = ("llama", "gpt2", "qwen2", "qwen3", "gemma2")
 
 _SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
@@ -52,31 +52,33 @@ def make_tiny_tokenizer(out_dir: str | os.PathLike, texts: list[str] | None = No
 def make_tiny_model(arch: str, tokenizer, out_dir: str | os.PathLike | None = None, *,
                     hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4,
                     max_positions: int = 512, seed: int = 0):
-    """A randomly initialised causal LM of architecture `arch` ("llama", "gpt2" or "qwen2").
+    """A randomly initialised causal LM of architecture `arch` (one of TINY_ARCHS).
 
     Sized to `tokenizer`; saved with the tokenizer (safetensors) to `out_dir` when given.
     Returns the model.
     """
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {TINY_ARCHS}")
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    if arch == "llama":
-        config = LlamaConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                             num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                             num_key_value_heads=num_heads, max_position_embeddings=max_positions,
-                             tie_word_embeddings=False, **ids)
-    elif arch == "qwen2":
-        config = Qwen2Config(hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                             num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                             num_key_value_heads=max(1, num_heads // 2),
-                             max_position_embeddings=max_positions, tie_word_embeddings=True, **ids)
-    elif arch == "gpt2":
-        config = GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
-                            n_positions=max_positions, **ids)
+    if arch == "gpt2":
+        config = AutoConfig.for_model("gpt2", n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
+                                      n_positions=max_positions, **ids)
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {TINY_ARCHS}")
+        # Llama-family layouts: grouped-query attention where the family uses it; Gemma 2 brings
+        # its own quirks (logit soft-capping, sliding-window layers, embeddings scaled by √d).
+        extra = {"llama": dict(num_key_value_heads=num_heads, tie_word_embeddings=False),
+                 "qwen2": dict(num_key_value_heads=max(1, num_heads // 2), tie_word_embeddings=True),
+                 "qwen3": dict(num_key_value_heads=max(1, num_heads // 2), head_dim=hidden_size // num_heads,
+                               tie_word_embeddings=True),
+                 "gemma2": dict(num_key_value_heads=max(1, num_heads // 2), head_dim=hidden_size // num_heads,
+                                sliding_window=16)}[arch]
+        config = AutoConfig.for_model(arch, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                                      num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                                      max_position_embeddings=max_positions, **extra, **ids)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     if out_dir is not None:
@@ -84,6 +86,18 @@ def make_tiny_model(arch: str, tokenizer, out_dir: str | os.PathLike | None = No
         model.save_pretrained(str(out_dir))
         tokenizer.save_pretrained(str(out_dir))
     return model
+
+
+def set_tiny_chat_template(tokenizer) -> None:
+    """Give a tiny tokenizer a ChatML-style chat template (as SmolLM2 and Qwen use), starting with BOS."""
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+
+
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+"""A small Jinja chat template for tests: BOS, then `<|role|>\ncontent</s>\n` per message."""
 
 
 def make_tiny_checkpoint(out_dir: str | os.PathLike, arch: str = "llama", **model_kwargs) -> Path:

@@ -1,0 +1,140 @@
+"""Config fields every method shares, defined once: how models load, LoRA, experiment tracking.
+
+A method's config inherits them (`class DPOConfig(TrainFields, LoraFields)`), so `--set
+dtype=bfloat16`, `--set gradient_checkpointing=true` or `--set report_to=tensorboard` work on
+every command. The values are checked when the config is built (a ConfigError naming the key).
+
+Experiment tracking (`report_to`) goes through Accelerate's trackers beside the metrics.jsonl
+that every loop writes: `accelerator_kwargs` / `start_tracking` / `track` /
+`finish_tracking`. API keys (WANDB_API_KEY, ...) are read by the trackers from the environment,
+never from a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from prefgym.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+PROMPT_FORMATS = ("auto", "alpaca", "chat")
+
+
+@dataclass
+class ModelFields:
+    """How a method loads and prompts its models (sampling-only stages use these too)."""
+
+    dtype: str = "float32"
+    """Weights dtype: float32, bfloat16, float16, or auto (bfloat16 where the device computes in it, else float32)."""
+    attn_implementation: Optional[str] = None
+    """Attention kernel passed to transformers: eager, sdpa, flash_attention_2, ... (None: transformers' default)."""
+    prompt_format: str = "auto"
+    """Prompt: alpaca, chat (the tokenizer's chat template) or auto (chat when the tokenizer has a template)."""
+
+    def __post_init__(self):
+        check_model_fields(self)
+
+
+@dataclass
+class TrainFields(ModelFields):
+    """ModelFields plus what only training needs."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about a third more compute)."""
+    report_to: str = "none"
+    """Experiment trackers beside metrics.jsonl: none, all, or a comma list (tensorboard, wandb, trackio, ...)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        tracker_names(self.report_to)
+
+
+@dataclass
+class LoraFields:
+    """LoRA adapters (peft) instead of full fine-tuning; the adapters are merged into the saved model."""
+
+    use_lora: bool = False
+    """Train LoRA adapters instead of all weights (merged into the saved model)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA inputs."""
+
+
+def check_model_fields(cfg) -> None:
+    """ConfigError naming the key when dtype or prompt_format is not one prefgym knows."""
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"key 'dtype' should be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.prompt_format not in PROMPT_FORMATS:
+        raise ConfigError(f"key 'prompt_format' should be one of {', '.join(PROMPT_FORMATS)}, got {cfg.prompt_format!r}")
+    if cfg.attn_implementation is not None and not cfg.attn_implementation.strip():
+        raise ConfigError("key 'attn_implementation' is empty; leave it unset for transformers' default")
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment tracking
+
+
+def tracker_names(report_to: str) -> list[str]:
+    """`"tensorboard,wandb"` -> ["tensorboard", "wandb"]; "none" -> []; "all" -> ["all"].
+
+    ConfigError for a name Accelerate does not know, or a tracker whose package is not installed
+    (Accelerate would drop it silently).
+    """
+    names = [n.strip() for n in str(report_to).split(",") if n.strip()]
+    if names in ([], ["none"]):
+        return []
+    if "all" in names:
+        return ["all"]
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"key 'report_to': unknown tracker {name!r}; use none, all or a comma list of "
+                              f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
+    for name in names:
+        if name not in available:
+            raise ConfigError(f"key 'report_to': tracker {name!r} is not installed (pip install {name})")
+    return names
+
+
+def accelerator_kwargs(cfg, output_dir: str | Path) -> dict:
+    """`Accelerator(**accelerator_kwargs(cfg, out))`: log_with and project_dir when cfg.report_to asks for trackers."""
+    names = tracker_names(getattr(cfg, "report_to", "none"))
+    return {"log_with": names, "project_dir": str(Path(output_dir) / "tracking")} if names else {}
+
+
+def start_tracking(accelerator, cfg, name: str) -> None:
+    """Start the trackers (run `name`, the config as hyper-parameters); nothing when none were asked for."""
+    if accelerator.log_with:
+        accelerator.init_trackers(name, config=_flat_config(cfg))
+
+
+def track(accelerator, metrics: dict, step: int | None = None) -> None:
+    """Send the numbers of a metrics.jsonl row to the trackers at `step` (default: metrics["step"]);
+    nothing without trackers. Each loop calls it beside its metrics.jsonl write."""
+    if accelerator.trackers:
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        accelerator.log(numbers, step=metrics.get("step") if step is None else step)
+
+
+def finish_tracking(accelerator) -> None:
+    """Flush and close the trackers (what `accelerator.end_training` does, without ending the process group)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
+
+
+def _flat_config(cfg) -> dict:
+    """Config values trackers accept as hyper-parameters (numbers, strings, booleans; the rest as JSON)."""
+    out = {}
+    for key, value in dataclasses.asdict(cfg).items():
+        out[key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return out
