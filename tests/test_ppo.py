@@ -132,6 +132,9 @@ def test_ppo_end_to_end_first_step_ratio_is_one_and_weights_move(toy_rm):
     assert m[2]["kl_coef"] < m[0]["kl_coef"]  # adaptive: KL far below target shrinks the coefficient
     for r in m:  # the KL term in the rewards is the step's coefficient times the step's KL
         assert r["non_score_reward"] == pytest.approx(-r["kl_coef"] * r["kl"], abs=1e-6)
+    # k3 is non-negative, 0 where π == π_ref (step 1), and positive once the policy moved
+    assert m[0]["kl_k3"] == pytest.approx(0.0, abs=1e-6) and m[1]["kl_k3"] > 0
+    assert all(r["kl_k3"] >= 0 for r in m)
     before, after = load_file(sft / "model.safetensors"), load_file(out / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert (out / "samples.jsonl").exists() and not (out / "checkpoint").exists()

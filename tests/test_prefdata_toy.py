@@ -156,7 +156,7 @@ def test_truncate_after_eos():
     assert has_eos.tolist() == [True, False, True]
 
 
-def test_gumbel_sampling_is_per_row_and_matches_distribution(toy_model):
+def test_seeded_sampling_is_per_row_and_matches_distribution(toy_model):
     from transformers import AutoModelForCausalLM
 
     tok = common.load_tokenizer(toy_model)
@@ -172,7 +172,7 @@ def test_gumbel_sampling_is_per_row_and_matches_distribution(toy_model):
     logits = torch.tensor([[2.0, 0.0, -1.0]])
     counts = torch.zeros(3)
     for s in range(3000):
-        counts[common.GumbelSampler([s], 0.5)(None, logits).argmax()] += 1
+        counts[common.SeededSampler([s], 0.5)(None, logits).argmax()] += 1
     expect = torch.softmax(logits[0] / 0.5, -1) * 3000
     assert torch.all((counts - expect).abs() < 4 * expect.sqrt() + 5)
 

@@ -31,10 +31,11 @@ def _build_app() -> typer.Typer:
     from prefgym.methods import commands as method_commands
     from prefgym.evaluation import commands as evaluation_commands
     from prefgym.web import commands as web_commands
+    from prefgym.models import commands as model_commands
     from prefgym import pipeline_commands
 
     for module in (world_commands, data_commands, annotator_commands, method_commands,
-                   evaluation_commands, web_commands, pipeline_commands):
+                   evaluation_commands, web_commands, model_commands, pipeline_commands):
         module.add_commands(app)
     return app
 

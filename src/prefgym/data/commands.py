@@ -36,7 +36,7 @@ def add_commands(app: typer.Typer) -> None:
 
     @app.command("generate")
     def generate_command(
-        model: str = typer.Option(..., "--model", help="Model folder (save_pretrained) or Hub name."),
+        model: Optional[str] = typer.Option(None, "--model", help="Model folder (save_pretrained) or Hub name (--backend hf)."),
         data: str = typer.Option(..., "--data", help="Instructions: .json/.jsonl, datasets folder or Hub name."),
         out: Path = typer.Option(..., "--out", help="Where to write the outputs (model_outputs.json)."),
         split: Optional[str] = typer.Option(None, help="Split of --data when it is a folder or Hub dataset."),
@@ -49,11 +49,17 @@ def add_commands(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Sampling seed."),
         max_instances: Optional[int] = typer.Option(None, help="Only the first N instructions."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+        backend: str = typer.Option("hf", help="hf: load --model here; openai: ask an OpenAI-compatible server "
+                                    "(vllm serve, llama.cpp, sglang) at --base-url."),
+        base_url: Optional[str] = typer.Option(None, help="--backend openai: the server's API root, e.g. http://localhost:8000/v1."),
+        served_model: Optional[str] = typer.Option(None, help="--backend openai: the model name the server serves."),
+        api_key_env: str = typer.Option("OPENAI_API_KEY", help="--backend openai: environment variable with the API key."),
+        max_concurrency: int = typer.Option(8, help="--backend openai: requests in flight at once."),
     ) -> None:
         """Sample responses to instructions and write them in AlpacaEval format.
 
-        Reads: --model (save_pretrained folder or Hub name) and --data (records with
-        instruction and optional input).
+        Reads: --model (save_pretrained folder or Hub name), or with --backend openai the server
+        at --base-url, and --data (records with instruction and optional input).
 
         Writes --out atomically: a JSON list of records with instruction, input, output,
         generator (and outputs, the list, when --num-samples > 1). Finished batches are kept
@@ -63,12 +69,28 @@ def add_commands(app: typer.Typer) -> None:
         from prefgym.io import write_json
         from prefgym.models.generation import SamplingConfig, generate_outputs
 
+        from prefgym.errors import ConfigError
+
+        needed = {"hf": {"--model": model}, "openai": {"--base-url": base_url, "--served-model": served_model}}
+        if backend not in needed:
+            raise ConfigError(f"--backend should be hf or openai, got {backend!r}")
+        missing = [name for name, value in needed[backend].items() if not value]
+        if missing:
+            raise ConfigError(f"--backend {backend} needs {' and '.join(missing)}")
         records = load_records(data, split=split, required=("instruction",))[:max_instances]
         cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                              num_samples=num_samples, batch_size=batch_size, seed=seed)
         partial = out.with_name(out.name + ".partial.jsonl")  # finished batches, for resuming
-        outputs = generate_outputs(model, records, cfg, generator=generator, progress=progress,
-                                   partial_file=partial)
+        if backend == "openai":
+            from prefgym.models.openai_generation import ServerConfig, generate_outputs_openai
+
+            server = ServerConfig(base_url=base_url, served_model=served_model, api_key_env=api_key_env,
+                                  max_concurrency=max_concurrency)
+            outputs = generate_outputs_openai(server, records, cfg, generator=generator, progress=progress,
+                                              partial_file=partial)
+        else:
+            outputs = generate_outputs(model, records, cfg, generator=generator, progress=progress,
+                                       partial_file=partial)
         write_json(out, outputs)
         partial.unlink(missing_ok=True)
         typer.echo(f"wrote {len(outputs)} outputs to {out}")

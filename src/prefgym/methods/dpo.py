@@ -267,6 +267,7 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
     if records is None and not cfg.preference_file:
         raise ConfigError("dpo: preference_file is required")
     out = Path(cfg.output_dir)
+    common.check_output_dir(cfg, out / "train_config.json")
     if cfg.resume and (out / "model.safetensors").exists() and not (out / "checkpoint").exists():
         return out  # already complete
     accelerator = Accelerator(**fields.accelerator_kwargs(cfg, out))
@@ -328,6 +329,7 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
     t0 = time.time()
     with common.make_progress(accelerator) as progress:
         task = progress.add_task(f"dpo ({cfg.loss_type})", total=total_steps, completed=step, info="")
+        checkpoints = common.CheckpointSchedule(cfg.save_steps, cfg.save_every_seconds, accelerator)
         while step < total_steps:
             epoch, k = divmod(step, steps_per_epoch)
             perm = rng_for(cfg.seed, "dpo-epoch", epoch).permutation(len(examples))
@@ -357,7 +359,7 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
                 append_jsonl(out / "metrics.jsonl", metrics)
             fields.track(accelerator, metrics)
             progress.update(task, advance=1, info=f"loss {s[0]:.3f} acc {s[3]:.2f} margin {s[4]:.3f}")
-            if step % cfg.save_steps == 0 and step < total_steps:
+            if checkpoints.due(step, total_steps):
                 common.save_checkpoint(accelerator, ckpt_dir, {"step": step})
 
     accelerator.wait_for_everyone()
@@ -366,6 +368,7 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     fields.finish_tracking(accelerator)
     accelerator.wait_for_everyone()
+    common.end_training(accelerator)
     return out
 
 

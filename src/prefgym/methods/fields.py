@@ -47,6 +47,9 @@ class TrainFields(ModelFields):
     """Recompute activations in the backward pass (less memory, about a third more compute)."""
     report_to: str = "none"
     """Experiment trackers beside metrics.jsonl: none, all, or a comma list (tensorboard, wandb, trackio, ...)."""
+    save_every_seconds: float = 300.0
+    """Save a checkpoint whenever this many seconds have passed since the last, as well as every
+    `save_steps` steps (0: by steps only). Loops that save after every iteration (Quark) ignore it."""
 
     def __post_init__(self):
         super().__post_init__()

@@ -313,6 +313,7 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
     if cfg.per_device_rollout_batch_size % cfg.num_mini_batches:
         raise ConfigError("ppo: per_device_rollout_batch_size must be divisible by num_mini_batches")
     out = Path(cfg.output_dir)
+    common.check_output_dir(cfg, out / "train_config.json")
     if cfg.resume and (out / "model.safetensors").exists() and not (out / "checkpoint").exists():
         return out  # already complete
     accelerator = Accelerator(**fields.accelerator_kwargs(cfg, out))
@@ -354,6 +355,7 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
     t0 = time.time()
     with common.make_progress(accelerator) as progress:
         task = progress.add_task("ppo", total=cfg.steps, completed=step, info="")
+        checkpoints = common.CheckpointSchedule(cfg.save_steps, cfg.save_every_seconds, accelerator)
         while step < cfg.steps:
             unwrapped = accelerator.unwrap_model(model)
 
@@ -422,10 +424,12 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
             u = (reduce_sum(torch.stack(update_stats).mean(0)) / n_proc).tolist()
             seq = reduce_sum(torch.stack([score.sum(), raw_score.sum(), kl.sum(), non_score_reward.sum(),
                                           response_mask.sum().float(), (~has_eos).sum().float(),
-                                          entropy * B]))
+                                          entropy * B,
+                                          # k3 = e^{-r} - 1 + r per token (r = log π/π_ref): ≥ 0, unbiased
+                                          (torch.expm1(-kl) + kl).sum()]))
             s = (seq / global_batch).tolist()
             metrics = {"step": step, "episodes": step * global_batch, "score": s[0], "raw_score": s[1], "kl": s[2],
-                       "non_score_reward": s[3], "rlhf_reward": s[0] + s[3], "response_length": s[4],
+                       "kl_k3": s[7], "non_score_reward": s[3], "rlhf_reward": s[0] + s[3], "response_length": s[4],
                        "no_eos_fraction": s[5], "entropy": s[6], "kl_coef": kl_coef,
                        **dict(zip(["pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approx_kl", "value_error",
                                    "ratio"], u)),
@@ -443,7 +447,7 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
             progress.update(task, advance=1, info=f"score {s[0]:.3f} kl {s[2]:.3f} len {s[4]:.1f}")
 
             # 11. Checkpoint (policy, value, optimizer, RNG; step and kl_coef).
-            if step % cfg.save_steps == 0 and step < cfg.steps:
+            if checkpoints.due(step, cfg.steps):
                 common.save_checkpoint(accelerator, ckpt_dir, {"step": step, "kl_coef": kl_coef})
             if cfg.snapshot_steps and step % cfg.snapshot_steps == 0 and accelerator.is_main_process and not cfg.use_lora:
                 common.save_model(accelerator.unwrap_model(model).policy, tokenizer, out / "snapshots" / f"step-{step}")
@@ -456,6 +460,7 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     fields.finish_tracking(accelerator)
     accelerator.wait_for_everyone()
+    common.end_training(accelerator)
     return out
 
 

@@ -71,6 +71,7 @@ def run(cfg: PreferenceDataConfig, records: list[dict] | None = None) -> Path:
     if cfg.num_samples < 2:
         raise ConfigError("preference data: num_samples must be at least 2 to form pairs")
     out = Path(cfg.output_dir)
+    common.check_output_dir(cfg, out / "preference_data_config.json")  # samples made with other settings
     out.mkdir(parents=True, exist_ok=True)
     samples_file = out / "samples.jsonl"
     if not cfg.resume:

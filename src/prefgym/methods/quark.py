@@ -202,6 +202,7 @@ def train(cfg: QuarkConfig) -> Path:
     if cfg.num_quantiles < 2:
         raise ConfigError(f"quark: num_quantiles must be at least 2, got {cfg.num_quantiles}")
     out = Path(cfg.output_dir)
+    common.check_output_dir(cfg, out / "quark_config.json")
     if cfg.resume and (out / "conditioning.json").exists():
         return out  # finished earlier
 
@@ -328,7 +329,7 @@ def train(cfg: QuarkConfig) -> Path:
         write_conditioning(out, best, "Quark", {"num_quantiles": cfg.num_quantiles})
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    common.end_training(accelerator)
     return out
 
 

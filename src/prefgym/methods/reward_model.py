@@ -120,6 +120,7 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
     if records is None and not cfg.preference_file:
         raise ConfigError("reward model: preference_file is required")
     out = Path(cfg.output_dir)
+    common.check_output_dir(cfg, out / "train_config.json")
     if (out / NORMALIZATION_FILE).exists() and cfg.resume:
         return out  # already complete
     accelerator = Accelerator(**fields.accelerator_kwargs(cfg, out))
@@ -172,6 +173,7 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
     t0 = time.time()
     with common.make_progress(accelerator) as progress:
         task = progress.add_task("reward model", total=total_steps, completed=step, info="")
+        checkpoints = common.CheckpointSchedule(cfg.save_steps, cfg.save_every_seconds, accelerator)
         while step < total_steps:
             epoch, k = divmod(step, steps_per_epoch)
             perm = train_idx[rng_for(cfg.seed, "reward-model-epoch", epoch).permutation(len(train_idx))]
@@ -201,7 +203,7 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
                 append_jsonl(out / "metrics.jsonl", metrics)
             fields.track(accelerator, metrics)
             progress.update(task, advance=1, info=f"loss {metrics['loss']:.3f} acc {metrics['accuracy']:.2f}")
-            if step % cfg.save_steps == 0 and step < total_steps:
+            if checkpoints.due(step, total_steps):
                 common.save_checkpoint(accelerator, ckpt_dir, {"step": step})
 
     # 4. Held-out accuracy (ties excluded) and loss (ties included).
@@ -241,6 +243,7 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
 
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
+    common.end_training(accelerator)
     return out
 
 

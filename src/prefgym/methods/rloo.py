@@ -281,6 +281,7 @@ def train_group_policy(cfg, prompts: list[dict] | None, name: str, score_fn_fact
     t0 = time.time()
     with common.make_progress(accelerator) as progress:
         task = progress.add_task(name, total=cfg.steps, completed=step, info="")
+        checkpoints = common.CheckpointSchedule(cfg.save_steps, cfg.save_every_seconds, accelerator)
         while step < cfg.steps:
             # 1. Prompts: the step's slice of a per-epoch permutation; this process's part of it.
             epoch, b = divmod(step, steps_per_epoch)
@@ -333,7 +334,7 @@ def train_group_policy(cfg, prompts: list[dict] | None, name: str, score_fn_fact
             progress.update(task, advance=1, info=f"score {metrics['score']:.3f} len {metrics['response_length']:.1f}")
 
             # 7. Checkpoint (policy, optimizer, RNG; step).
-            if step % cfg.save_steps == 0 and step < cfg.steps:
+            if checkpoints.due(step, cfg.steps):
                 common.save_checkpoint(accelerator, ckpt_dir, {"step": step})
             if step == crash_after:
                 os._exit(137)  # tests: a hard kill after this step, as SIGKILL would leave it
@@ -344,6 +345,7 @@ def train_group_policy(cfg, prompts: list[dict] | None, name: str, score_fn_fact
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     fields.finish_tracking(accelerator)
     accelerator.wait_for_everyone()
+    common.end_training(accelerator)
     return out
 
 

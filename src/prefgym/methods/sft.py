@@ -65,8 +65,6 @@ class SFTConfig(TrainFields, LoraFields):
     """Seed of the data order and of dropout."""
     save_steps: int = 100
     """Save a checkpoint (model, optimizer, scheduler, RNG) every this many steps; 0: never."""
-    save_every_seconds: float = 300.0
-    """Also save one whenever this many seconds have passed since the last (0: by steps only)."""
     logging_steps: int = 1
     """Write a metrics.jsonl row every this many steps."""
     resume: bool = True

@@ -163,6 +163,7 @@ def train_on_examples(cfg, name: str, accelerator, model: PairLogps, tokenizer, 
     t0 = time.time()
     with common.make_progress(accelerator) as progress:
         task = progress.add_task(name, total=total_steps, completed=step, info="")
+        checkpoints = common.CheckpointSchedule(cfg.save_steps, cfg.save_every_seconds, accelerator)
         while step < total_steps:
             epoch, k = divmod(step, steps_per_epoch)
             perm = rng_for(cfg.seed, f"{name}-epoch", epoch).permutation(n_examples)
@@ -186,7 +187,7 @@ def train_on_examples(cfg, name: str, accelerator, model: PairLogps, tokenizer, 
                 append_jsonl(out / "metrics.jsonl", metrics)
             fields.track(accelerator, metrics)
             progress.update(task, advance=1, info=f"loss {s[0]:.3f}")
-            if step % cfg.save_steps == 0 and step < total_steps:
+            if checkpoints.due(step, total_steps):
                 common.save_checkpoint(accelerator, ckpt_dir, {"step": step})
             if step == crash_after:
                 os._exit(137)  # tests: a hard kill after this step, as SIGKILL would leave it
@@ -197,6 +198,7 @@ def train_on_examples(cfg, name: str, accelerator, model: PairLogps, tokenizer, 
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     fields.finish_tracking(accelerator)
     accelerator.wait_for_everyone()
+    common.end_training(accelerator)
     return out
 
 
