@@ -117,3 +117,39 @@ def test_systematic_biases():
     assert any(p.length_bias < 0 for p in WORLD_JUDGES.values())
     assert any(p.position_bias > 0 for p in WORLD_JUDGES.values())
     assert any(p.position_bias < 0 for p in WORLD_JUDGES.values())
+
+
+DETAIL_TASK = "Explain step by step how to work out 4 plus 5."
+EXACT_TASK = "What is 4 plus 5?"
+DETAILED = "Start from 4 and count on 5. 4 + 5 = 9. Check: 9 - 5 = 4. The answer is 9."
+RAMBLING = "9. Numbers and words are fun to work with. Many people find tasks like this very interesting."
+PADDED = "Sure! The answer is 9. I hope this helps!"
+
+
+def _mean_p2(population, ins, a, b):
+    return sum(population.prob_output_2(i, ins, "", a, b) for i in range(population.n_labelers)) / population.n_labelers
+
+
+def test_people_prefer_content_not_padding(population):
+    # detail that is content wins; padding and small talk still lose, for people and the judge
+    greedy = WORLD_JUDGES["world-judge-greedy"]
+    assert _mean_p2(population, DETAIL_TASK, "9", DETAILED) > 0.75
+    assert _mean_p2(population, DETAIL_TASK, "9", RAMBLING) < 0.5
+    assert _mean_p2(population, EXACT_TASK, "9", PADDED) < 0.45
+    assert world_judge_prob(greedy, DETAIL_TASK, "", "9", DETAILED) > _mean_p2(population, DETAIL_TASK, "9", DETAILED)
+    assert world_judge_prob(greedy, DETAIL_TASK, "", "9", RAMBLING) < 0.5
+    assert world_judge_prob(greedy, EXACT_TASK, "", "9", PADDED) < 0.2
+
+
+def test_annotator_table_is_alpaca_eval_like(tmp_path):
+    # AlpacaEval: humans agree 65.7% and pick the longer output 64% of the time; GPT-4 69.2% and 0.68;
+    # always-the-longer agrees 62.2%, below the humans. Ranges allow for 400 pairs (SE ~2.5 points).
+    from prefgym.annotators.analysis import analyze_annotators, make_world_cross_annotations
+
+    cross = make_world_cross_annotations(n_pairs=400, n_humans=4, seed=0)
+    humans, greedy, longer = analyze_annotators(cross, ["world_greedy", "longer"], cache_dir=tmp_path, n_bootstrap=50)
+    assert 0.60 < humans["human_agreement"] < 0.71
+    assert 0.57 < humans["proba_prefer_longer"] < 0.71
+    assert greedy["proba_prefer_longer"] > humans["proba_prefer_longer"]  # judges like length more than people
+    assert greedy["human_agreement"] > humans["human_agreement"]
+    assert longer["human_agreement"] < humans["human_agreement"]

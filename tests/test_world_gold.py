@@ -58,6 +58,23 @@ CASES = [
     ("Describe the sea in exactly 5 words.", "", "The sea is deep, blue.", 1.0),
     ("Use six words to describe the sun.", "", "The sun is bright and hot.", 1.0),
     ("Describe the topic in the input in exactly 4 words.", "rain", "The rain is wet.", 1.0),
+    # explain_steps: the answer, and no false step
+    ("Explain step by step how to work out 4 plus 5.", "", "Start from 4 and count on 5. 4 + 5 = 9. The answer is 9.", 1.0),
+    ("Explain step by step how to work out 4 plus 5.", "", "9", 1.0),
+    ("Explain step by step how to work out 4 plus 5.", "", "4 + 5 = 10. The answer is 9.", 0.3),  # a false step
+    ("What is 10 minus 3? Explain your answer.", "", "The answer is 8.", 0.0),
+    ("Show your working: what is 3 times 4?", "", "That is 3 groups of 4. 3 * 4 = 12. Check: 12 / 4 = 3. The answer is 12.", 1.0),
+    ("Work out the sum of the two numbers in the input and show the steps.", "2 and 19", "The answer is 21.", 1.0),
+    # explain
+    ("Explain how to spell 'table' backwards.", "", "The word table has 5 letters. The answer is elbat.", 1.0),
+    ("Explain how to spell 'table' backwards.", "", "The word table has 6 letters. The answer is elbat.", 0.3),
+    ("Write 'table' backwards and explain how you did it.", "", "The answer is elbta.", 0.0),
+    ("Spell the word in the input backwards and explain the steps.", "pear", "raep", 1.0),
+    # compare_reasons
+    ("Which is larger, 12 or 45? Give your reasons.", "", "45 is larger than 12. 45 - 12 = 33. The answer is 45.", 1.0),
+    ("Which is larger, 12 or 45? Give your reasons.", "", "12 is larger than 45. The answer is 45.", 0.3),
+    ("Compare 12 and 45: which is bigger, and why?", "", "The answer is 12.", 0.0),
+    ("Compare the two numbers in the input and explain which is larger.", "30, 7", "30", 1.0),
 ]
 
 
@@ -134,7 +151,36 @@ def test_mean_quality_by_style():
         for s in STYLES:
             mean[s].append(gold_quality(task.instruction, task.input, write_output(task, s, rng)))
     mean = {s: float(np.mean(v)) for s, v in mean.items()}
-    assert mean["clean"] > 0.97
+    assert mean["clean"] > 0.85  # detail tasks pay 0.3 for steps and reasons that a bare answer lacks
+    assert mean["detailed"] > mean["padded"]
     assert mean["clean"] > mean["padded"] > mean["padded_wrong"]
     assert mean["clean"] > mean["rambling"] > mean["wrong"]
     assert mean["verbose"] > mean["partial"] > mean["wrong"]
+
+
+DETAIL_TASK = "Explain step by step how to work out 4 plus 5."
+FULL = "Start from 4 and count on 5. 4 + 5 = 9. Check: 9 - 5 = 4. The answer is 9."
+
+
+def test_detail_is_credited_as_content():
+    # detail = share of the three steps stated; weights 0.5 correctness, 0.3 detail, 0.1 conciseness, 0.1 format
+    assert gold_components(DETAIL_TASK, "", FULL)["detail"] == 1.0
+    assert gold_quality(DETAIL_TASK, "", FULL) == pytest.approx(1.0)
+    two = "Start from 4 and count on 5. 4 + 5 = 9. The answer is 9."
+    assert gold_components(DETAIL_TASK, "", two)["detail"] == pytest.approx(2 / 3)
+    assert gold_quality(DETAIL_TASK, "", two) == pytest.approx(0.5 + 0.3 * 2 / 3 + 0.1 + 0.1)
+    assert gold_quality(DETAIL_TASK, "", "9") == pytest.approx(0.7)  # right, but no steps
+    # exact-answer tasks give no credit for detail: the bare answer is best
+    assert gold_components("What is 4 plus 5?", "", FULL)["detail"] == 0.0
+    assert gold_quality("What is 4 plus 5?", "", "9") == 1.0 > gold_quality("What is 4 plus 5?", "", FULL)
+
+
+def test_padding_and_false_steps_still_cost_in_detail_tasks():
+    padded = "Sure! Great question! " + FULL + " I hope this helps!"
+    rambling = "9. Numbers and words are fun to work with. Many people find tasks like this very interesting."
+    false_step = "Start from 4 and count on 5. 4 + 5 = 10. Check: 9 - 5 = 4. The answer is 9."
+    full = gold_quality(DETAIL_TASK, "", FULL)
+    assert full > gold_quality(DETAIL_TASK, "", padded)
+    assert gold_quality(DETAIL_TASK, "", "9") > gold_quality(DETAIL_TASK, "", rambling)
+    assert gold_components(DETAIL_TASK, "", false_step)["correctness"] == 0.3
+    assert gold_quality(DETAIL_TASK, "", false_step) < gold_quality(DETAIL_TASK, "", "9")

@@ -7,8 +7,9 @@ and API judges, small enough to run the whole AlpacaFarm loop on a laptop CPU.
 - `judges.WORLD_JUDGES` / `judges.world_judge_prob` are the simulated API judges.
 """
 
-from prefgym.world.build import SCALES, SPLITS, build_world, default_world_dir, load_split, read_manifest
-from prefgym.world.gold import gold_components, gold_quality
+from prefgym.lazy_exports import lazy_exports
 
-__all__ = ["build_world", "default_world_dir", "load_split", "read_manifest", "SCALES", "SPLITS",
-           "gold_quality", "gold_components"]
+__all__, __getattr__ = lazy_exports(__name__, {  # loaded on first use (numpy): `prefgym --help` stays fast
+    "build": ["build_world", "default_world_dir", "load_split", "read_manifest", "SCALES", "SPLITS"],
+    "gold": ["gold_quality", "gold_components"],
+})

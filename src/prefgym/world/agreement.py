@@ -16,21 +16,27 @@ from __future__ import annotations
 import numpy as np
 
 from prefgym.seeding import rng_for
-from prefgym.world.demonstrations import sample_output
+from prefgym.world.demonstrations import DEMONSTRATION_MIX, sample_style, write_output
 from prefgym.world.families import sample_task
 from prefgym.world.humans import HumanPopulation
 from prefgym.world.judges import POOL, WORLD_JUDGES, world_judge_prob
 
 
-def policy_like_pairs(n: int, seed: int = 0) -> list[dict]:
-    """`n` pairs of two different demonstrations drawn independently for the same instruction."""
+def policy_like_pairs(n: int, seed: int = 0, with_styles: bool = False) -> list[dict]:
+    """`n` pairs of two different demonstrations drawn independently for the same instruction.
+
+    with_styles: also give the style each output was written in (`style_1`, `style_2`)."""
     rng = rng_for("world-policy-like-pairs", seed)
     pairs = []
     while len(pairs) < n:
         task = sample_task(rng)
-        o1, o2 = sample_output(task, rng), sample_output(task, rng)
+        s1 = sample_style(rng, DEMONSTRATION_MIX)
+        o1 = write_output(task, s1, rng)
+        s2 = sample_style(rng, DEMONSTRATION_MIX)
+        o2 = write_output(task, s2, rng)
         if o1 != o2:
-            pairs.append({"instruction": task.instruction, "input": task.input, "output_1": o1, "output_2": o2})
+            pair = {"instruction": task.instruction, "input": task.input, "output_1": o1, "output_2": o2}
+            pairs.append({**pair, "style_1": s1, "style_2": s2} if with_styles else pair)
     return pairs
 
 

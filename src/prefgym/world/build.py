@@ -25,10 +25,10 @@ from prefgym.io import write_json
 from prefgym.seeding import rng_for
 from prefgym.world.base_model import BaseModelConfig, pretrain, pretraining_corpus, save_base_model, train_tokenizer
 from prefgym.world.demonstrations import DEMONSTRATION_MIX, REFERENCE_MIX, sample_output
-from prefgym.world.families import FAMILIES, sample_task
+from prefgym.world.families import FAMILIES, FAMILY_DRAWS, sample_task
 
 MANIFEST = "world.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: detail families (explain, give steps, compare with reasons), people who value content
 REFERENCE_GENERATOR = "world_reference"
 SPLITS = ("sft", "preference", "unlabeled", "val", "eval")
 
@@ -82,10 +82,11 @@ def _sha256(path: Path) -> str:
 
 
 def make_splits(scale: WorldScale, seed: int) -> dict[str, list[dict]]:
-    """The five splits, families in turn. Training splits may repeat an instruction; val and eval
-    instructions are unique and never appear in the training splits."""
+    """The five splits, families in turn (each as often as its weight in FAMILY_DRAWS). Training
+    splits may repeat an instruction; val and eval instructions are unique and never appear in the
+    training splits."""
     rng = rng_for("world-splits", seed)
-    families = sorted(FAMILIES)
+    families = sorted(FAMILY_DRAWS)
     held_out: set[tuple[str, str]] = set()
     splits: dict[str, list[dict]] = {}
     for name in ("eval", "val"):
@@ -206,6 +207,10 @@ def build_world(out_dir: str | os.PathLike, scale: str = "default", seed: int = 
     out_dir = Path(out_dir)
     existing = read_manifest(out_dir)
     if existing is not None:
+        if existing.get("format") != FORMAT_VERSION:
+            raise ConfigError(f"{out_dir} holds a world of format {existing.get('format')}, built by another prefgym "
+                              f"version (this one builds format {FORMAT_VERSION}); remove the folder to rebuild it "
+                              "there, or pass another --out")
         if existing.get("scale") != scale or existing.get("seed") != seed:
             raise ConfigError(f"{out_dir} holds a world with scale={existing.get('scale')!r} seed={existing.get('seed')}, "
                               f"not scale={scale!r} seed={seed}; pass another --out folder or remove it")
@@ -219,8 +224,10 @@ def build_world(out_dir: str | os.PathLike, scale: str = "default", seed: int = 
         if progress:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+            from prefgym.progress import stderr_console
+
             with Progress(TextColumn("{task.description:<12}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                          TimeElapsedColumn()) as bar:
+                          TimeElapsedColumn(), console=stderr_console()) as bar:
                 tasks: dict[str, int] = {}
 
                 def draw(stage, done, total):

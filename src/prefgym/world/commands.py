@@ -40,7 +40,10 @@ def build_cmd(
 
 @world_app.command("info")
 def info_cmd(world_dir: Path = typer.Argument(..., help="A folder written by `prefgym world build`.")) -> None:
-    """Show a built world's scale, split sizes, families and measured human agreement."""
+    """Show a built world's scale, split sizes, families and measured human agreement.
+
+    Reads WORLD_DIR/world.json; prints; writes nothing.
+    """
     _print_info(world_dir)
 
 

@@ -1,7 +1,8 @@
 """Outputs of mixed quality for world tasks: demonstrations (SFT data) and reference outputs.
 
 An output is written in one *style*: clean (concise and right), verbose (right, in a sentence),
-padded ("Sure! ... I hope this helps!"), wrong, partial (wrong count, half sorted, hedged),
+detailed (right, with steps / reasons where the task asks to explain; else as verbose), padded
+("Sure! ... I hope this helps!"), wrong, partial (wrong count, half sorted, hedged, a false step),
 rambling (the answer, then small talk), padded_wrong, repetitive. The mixtures below set how
 often each style appears, so that supervised fine-tuning on demonstrations leaves room for
 preference learning, and the reference is decent but beatable.
@@ -13,16 +14,17 @@ import numpy as np
 
 from prefgym.world.families import FAMILIES, FILLER_SENTENCES, PAD_CLOSERS, PAD_OPENERS, Task, _choice
 
-STYLES = ("clean", "verbose", "padded", "wrong", "partial", "rambling", "padded_wrong", "repetitive")
+STYLES = ("clean", "verbose", "padded", "wrong", "partial", "rambling", "padded_wrong", "repetitive", "detailed")
 
-# Demonstrations are right about three times in four, but a third of them carry padding, small talk
-# or repetition: habits that SFT imitates and preference feedback can remove.
-DEMONSTRATION_MIX = {"clean": 0.27, "verbose": 0.13, "padded": 0.20, "wrong": 0.11, "partial": 0.08,
-                     "rambling": 0.12, "padded_wrong": 0.05, "repetitive": 0.04}
+# Demonstrations are right about three times in four; three in ten explain their answer (steps,
+# reasons where the task asks for them; a sentence elsewhere), one in five carries padding,
+# small talk or repetition: habits that SFT imitates and preference feedback can remove.
+DEMONSTRATION_MIX = {"clean": 0.20, "verbose": 0.10, "detailed": 0.30, "padded": 0.09, "wrong": 0.11,
+                     "partial": 0.08, "rambling": 0.06, "padded_wrong": 0.03, "repetitive": 0.03}
 # The reference (the davinci-003 stand-in) is right about half the time and often padded: decent,
 # and beatable by a policy that learns to answer concisely.
-REFERENCE_MIX = {"clean": 0.10, "verbose": 0.10, "padded": 0.20, "wrong": 0.25, "partial": 0.15,
-                 "rambling": 0.10, "padded_wrong": 0.07, "repetitive": 0.03}
+REFERENCE_MIX = {"clean": 0.10, "verbose": 0.10, "detailed": 0.08, "padded": 0.18, "wrong": 0.23,
+                 "partial": 0.14, "rambling": 0.08, "padded_wrong": 0.06, "repetitive": 0.03}
 
 
 def _pad(text: str, rng: np.random.Generator) -> str:
@@ -39,6 +41,8 @@ def write_output(task: Task, style: str, rng: np.random.Generator) -> str:
         return fam.clean(f, rng)
     if style == "verbose":
         return fam.verbose(f, rng)
+    if style == "detailed":
+        return fam.detailed(f, rng)
     if style == "padded":
         return _pad(fam.verbose(f, rng) if rng.random() < 0.5 else fam.clean(f, rng), rng)
     if style == "wrong":

@@ -7,7 +7,13 @@ Every family knows four things about its tasks:
 - how to draw a task (`sample`);
 - how to score an output's correctness against the programmatic ground truth (`correctness`);
 - how to write answers of several kinds: `clean` (concise and right), `verbose` (right, in a
-  sentence), `wrong`, and `partial` (e.g. a wrong count, a half-sorted list).
+  sentence), `detailed` (right, with content: steps, reasons, examples), `wrong`, and `partial`
+  (e.g. a wrong count, a half-sorted list).
+
+Two kinds of family: *exact-answer* families (arithmetic, sorting, ...), where the answer is all
+the value and more words are padding; and *detail* families (`DetailFamily`: explain, give steps,
+compare with reasons), where each correct content sentence (`facts`) is real value that the gold
+reward credits (`detail`), and a false claim costs correctness.
 
 Field values are kept as the strings that appear in the text, so that rendering and parsing are
 exact inverses.
@@ -141,6 +147,19 @@ class Family:
     def verbose(self, f: dict, rng: np.random.Generator) -> str:
         raise NotImplementedError
 
+    def detailed(self, f: dict, rng: np.random.Generator) -> str:
+        """Right, with as much content as the task has room for (exact-answer families: `verbose`)."""
+        return self.verbose(f, rng)
+
+    def ideal_words(self, f: dict, output: str = "") -> int:
+        """Words of the ideal answer (given what `output` says): more than this, plus some slack,
+        is not concise."""
+        return len(self.clean(f).split())
+
+    def detail(self, f: dict, output: str) -> float | None:
+        """Share of the task's content the output gives; None where the task asks for an answer only."""
+        return None
+
     def wrong(self, f: dict, rng: np.random.Generator) -> str:
         raise NotImplementedError
 
@@ -173,6 +192,24 @@ def _number_answer_correctness(output: str, answer: int, operands=()) -> float:
     return 0.3 if answer in given else 0.0
 
 
+def _operands(rng: np.random.Generator, op: str) -> dict:
+    """The fields of a sum, difference or product. Small numbers: a tiny model can learn these
+    facts, as a pretrained LM knows its sums."""
+    if op == "add":
+        a, b = rng.integers(1, 21, size=2)
+    elif op == "sub":
+        a = rng.integers(5, 26)
+        b = rng.integers(1, a)
+    else:
+        a, b = rng.integers(2, 10, size=2)
+    return {"a": str(int(a)), "b": str(int(b)), "op": op}
+
+
+def _apply(f: dict) -> int:
+    a, b = int(f["a"]), int(f["b"])
+    return {"add": a + b, "sub": a - b, "mul": a * b}[f["op"]]
+
+
 class Arithmetic(Family):
     name = "arithmetic"
     templates = [
@@ -189,20 +226,10 @@ class Arithmetic(Family):
 
     def sample(self, rng):
         t = _choice(rng, self.templates)
-        op = t.const["op"]
-        # Small numbers: a tiny model can learn these facts, as a pretrained LM knows its sums.
-        if op == "add":
-            a, b = rng.integers(1, 21, size=2)
-        elif op == "sub":
-            a = rng.integers(5, 26)
-            b = rng.integers(1, a)
-        else:
-            a, b = rng.integers(2, 10, size=2)
-        return t, {"a": str(int(a)), "b": str(int(b)), "op": op}
+        return t, _operands(rng, t.const["op"])
 
     def answer(self, f) -> int:
-        a, b = int(f["a"]), int(f["b"])
-        return {"add": a + b, "sub": a - b, "mul": a * b}[f["op"]]
+        return _apply(f)
 
     def clean(self, f, rng=None):
         ans = self.answer(f)
@@ -583,8 +610,180 @@ class Describe(Family):
         return count * (0.4 + 0.4 * mention + 0.2 * relevant)
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in
-                               (Arithmetic(), ListItems(), WordTransform(), Sorting(), Counting(), Compare(), Describe())}
+_CLAIM_EQUATION = re.compile(r"(-?\d+) ([+\-*/]) (-?\d+) = (-?\d+)")
+_CLAIM_LETTERS = re.compile(r"\b([A-Za-z]+) has (\d+) letters")
+_CLAIM_LARGER = re.compile(r"(-?\d+) is larger than (-?\d+)")
+
+
+def false_claims(output: str) -> int:
+    """How many checkable claims in `output` are false: equations ("4 + 5 = 9"), letter counts
+    ("The word pear has 4 letters"), comparisons ("9 is larger than 4")."""
+    ops = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y,
+           "/": lambda x, y: x / y if y else None}
+    bad = sum(ops[op](int(x), int(y)) != int(z) for x, op, y, z in _CLAIM_EQUATION.findall(output))
+    bad += sum(len(w) != int(n) for w, n in _CLAIM_LETTERS.findall(output))
+    bad += sum(int(x) <= int(y) for x, y in _CLAIM_LARGER.findall(output))
+    return bad
+
+
+class DetailFamily(Family):
+    """A task where detail is real value: the answer, and content sentences (`facts`) that explain
+    it. correctness: 1 if the answer is given and no checkable claim is false, 0.3 if a claim is
+    false, 0 without the answer; detail: the share of `facts` the output states."""
+
+    ANSWER_TEMPLATES = ["The answer is {x}.", "So the answer is {x}.", "Answer: {x}."]
+
+    def answer(self, f) -> str:
+        raise NotImplementedError
+
+    def facts(self, f) -> list[str]:
+        raise NotImplementedError
+
+    def clean(self, f, rng=None):
+        return self.answer(f)
+
+    def verbose(self, f, rng):
+        return _choice(rng, self.ANSWER_TEMPLATES).format(x=self.answer(f))
+
+    def detailed(self, f, rng, k: int | None = None):
+        facts = self.facts(f)
+        k = k if k is not None else int(rng.integers(1, len(facts) + 1))
+        chosen = sorted(rng.permutation(len(facts))[:k].tolist())
+        return " ".join([facts[i] for i in chosen] + [self.verbose(f, rng)])
+
+    def _stated(self, f, output) -> list[str]:
+        low = " ".join(output.lower().split())
+        return [fact for fact in self.facts(f) if fact.lower() in low]
+
+    def ideal_words(self, f, output=""):
+        # the answer sentence plus the steps the output states: words beyond those are padding
+        return len(" ".join(self._stated(f, output) + [self.ANSWER_TEMPLATES[0].format(x=self.answer(f))]).split())
+
+    def detail(self, f, output):
+        return len(self._stated(f, output)) / len(self.facts(f))
+
+    def wrong_answer(self, f, rng) -> str:
+        raise NotImplementedError
+
+    def wrong(self, f, rng):
+        return _choice(rng, self.ANSWER_TEMPLATES).format(x=self.wrong_answer(f, rng))
+
+    def false_fact(self, f, rng) -> str:
+        raise NotImplementedError
+
+    def partial(self, f, rng):
+        # The right answer explained with a false step: content that misleads.
+        return f"{self.false_fact(f, rng)} {self.verbose(f, rng)}"
+
+    def correctness(self, f, output):
+        if not re.search(r"(?<![\w-])" + re.escape(self.answer(f)) + r"(?!\w)", output):
+            return 0.0
+        return 0.3 if false_claims(output) else 1.0
+
+
+class ExplainSteps(DetailFamily):
+    name = "explain_steps"
+    templates = [
+        Template("Explain step by step how to work out {a} plus {b}.", const={"op": "add"}),
+        Template("What is {a} minus {b}? Explain your answer.", const={"op": "sub"}),
+        Template("Show your working: what is {a} times {b}?", const={"op": "mul"}),
+        Template("Work out the sum of the two numbers in the input and show the steps.", "{a} and {b}", {"op": "add"}),
+    ]
+
+    def sample(self, rng):
+        t = _choice(rng, self.templates)
+        return t, _operands(rng, t.const["op"])
+
+    def answer(self, f):
+        return str(_apply(f))
+
+    def facts(self, f):
+        a, b, x = f["a"], f["b"], _apply(f)
+        if f["op"] == "add":
+            return [f"Start from {a} and count on {b}.", f"{a} + {b} = {x}.", f"Check: {x} - {b} = {a}."]
+        if f["op"] == "sub":
+            return [f"Take {b} away from {a}.", f"{a} - {b} = {x}.", f"Check: {x} + {b} = {a}."]
+        return [f"That is {a} groups of {b}.", f"{a} * {b} = {x}.", f"Check: {x} / {b} = {a}."]
+
+    def wrong_answer(self, f, rng):
+        return str(_apply(f) + int(rng.integers(1, 4)) * (1 if rng.random() < 0.5 else -1))
+
+    def false_fact(self, f, rng):
+        sym = Arithmetic.SYMBOL[f["op"]]
+        return f"{f['a']} {sym} {f['b']} = {self.wrong_answer(f, rng)}."
+
+
+class Explain(DetailFamily):
+    name = "explain"
+    templates = [
+        Template("Explain how to spell '{word}' backwards."),
+        Template("Write '{word}' backwards and explain how you did it."),
+        Template("Spell the word in the input backwards and explain the steps.", "{word}"),
+        Template("Read '{word}' backwards, explaining each step."),
+    ]
+
+    def sample(self, rng):
+        return _choice(rng, self.templates), {"word": _choice(rng, WORDS)}
+
+    def answer(self, f):
+        return f["word"][::-1]
+
+    def facts(self, f):
+        w = f["word"]
+        return [f"The word {w} has {len(w)} letters.", f"It starts with {w[0]} and ends with {w[-1]}.",
+                f"Read it from the last letter, {w[-1]}, to the first, {w[0]}."]
+
+    def wrong_answer(self, f, rng):
+        w = f["word"]
+        return w[::-1][1:] + w[-1] if len(w) > 3 else w
+
+    def false_fact(self, f, rng):
+        return f"The word {f['word']} has {len(f['word']) + _choice(rng, [-1, 1, 2])} letters."
+
+
+class CompareReasons(DetailFamily):
+    name = "compare_reasons"
+    templates = [
+        Template("Which is larger, {a} or {b}? Give your reasons."),
+        Template("Compare {a} and {b}: which is bigger, and why?"),
+        Template("Compare the two numbers in the input and explain which is larger.", "{a}, {b}"),
+        Template("Tell me which number is bigger, {a} or {b}, and explain why."),
+    ]
+
+    def sample(self, rng):
+        a, b = rng.choice(np.arange(1, 31), size=2, replace=False)
+        return _choice(rng, self.templates), {"a": str(int(a)), "b": str(int(b))}
+
+    def _big_small(self, f):
+        a, b = int(f["a"]), int(f["b"])
+        return max(a, b), min(a, b)
+
+    def answer(self, f):
+        return str(self._big_small(f)[0])
+
+    def facts(self, f):
+        big, small = self._big_small(f)
+        return [f"{big} is larger than {small}.", f"{big} - {small} = {big - small}.",
+                f"When counting up, {big} comes after {small}."]
+
+    def wrong_answer(self, f, rng):
+        return str(self._big_small(f)[1])
+
+    def false_fact(self, f, rng):
+        big, small = self._big_small(f)
+        return f"{small} is larger than {big}."
+
+    def correctness(self, f, output):
+        big, small = self._big_small(f)
+        if not re.search(rf"(?<![\w-]){big}(?!\w)", output) or re.search(rf"answer(:| is) {small}\b", output):
+            return 0.0
+        return 0.3 if false_claims(output) else 1.0
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Arithmetic(), ListItems(), WordTransform(), Sorting(), Counting(), Compare(), Describe(),  # exact answers
+    ExplainSteps(), Explain(), CompareReasons(),  # detail is value
+)}
 
 _PARSERS = [(fam, t, template_regex(t.instruction), template_regex(t.input) if t.input else None)
             for fam in FAMILIES.values() for t in fam.templates]
@@ -622,7 +821,15 @@ def parse_task(instruction: str, input: str = "") -> Task | None:
     return None
 
 
+DETAIL_SHARE = 2
+"""Each detail family is drawn this many times as often as an exact-answer family: on real
+instructions, most length differences between two answers are content."""
+FAMILY_DRAWS: list[str] = [name for name, fam in FAMILIES.items()
+                           for _ in range(DETAIL_SHARE if isinstance(fam, DetailFamily) else 1)]
+"""Family names, each repeated by its weight: a uniform draw (or a round-robin) over this list."""
+
+
 def sample_task(rng: np.random.Generator, family: str | None = None) -> Task:
-    fam = FAMILIES[family] if family else _choice(rng, list(FAMILIES.values()))
+    fam = FAMILIES[family] if family else FAMILIES[_choice(rng, FAMILY_DRAWS)]
     template, fields = fam.sample(rng)
     return render(fam, template, fields)

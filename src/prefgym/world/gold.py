@@ -3,11 +3,15 @@
 `gold_quality(instruction, input, output)` recovers the task from the instruction (and input)
 text, checks the output against the right answer, and returns a score in [0, 1]:
 
-    quality = 0.7 * correctness + 0.15 * conciseness + 0.15 * format
+    quality = 0.7 * correctness + 0.15 * conciseness + 0.15 * format            (exact-answer tasks)
+    quality = 0.5 * correctness + 0.3 * detail + 0.1 * conciseness + 0.1 * format (detail tasks)
 
 - correctness: the family's check (right number, right items and count, sorted order, ...),
-  with partial credit for near misses;
-- conciseness: 1 up to a few words more than the ideal answer, then ideal/actual;
+  with partial credit for near misses; in detail tasks a false step or reason costs it;
+- detail: in tasks that ask to explain, give steps or compare with reasons, the share of the
+  task's content (steps, reasons, facts) the output states correctly: real content, credited;
+- conciseness: 1 up to a few words more than the ideal answer (for detail tasks: the answer
+  sentence plus the steps the output states), then ideal/actual;
 - format: 1 minus penalties for filler ("Sure!", "I hope this helps!"), and for repetition.
 
 Texts that are not world tasks get correctness 0.5 (unknown) and are scored on style only.
@@ -21,6 +25,7 @@ import re
 from prefgym.world.families import FAMILIES, parse_task
 
 WEIGHTS = {"correctness": 0.7, "conciseness": 0.15, "format": 0.15}
+DETAIL_WEIGHTS = {"correctness": 0.5, "detail": 0.3, "conciseness": 0.1, "format": 0.1}
 
 FILLER_PATTERNS = [r"\bsure\b", r"\bof course\b", r"\bcertainly\b",
                    r"\bgreat question\b", r"\bi hope this helps\b", r"\blet me know\b",
@@ -41,7 +46,8 @@ def repetition(output: str) -> float:
 
 
 def gold_components(instruction: str, input: str, output: str) -> dict:
-    """Family, correctness, conciseness, format and the combined quality of one output."""
+    """Family, correctness, detail (0 where the task asks for an answer only), conciseness, format
+    and the combined quality of one output."""
     return dict(_components(instruction, input or "", output))
 
 
@@ -50,22 +56,24 @@ def _components(instruction: str, input: str, output: str) -> dict:
     task = parse_task(instruction, input)
     words = output.split()
     if not words:
-        return {"family": task.family if task else "unknown", "correctness": 0.0, "conciseness": 0.0,
-                "format": 0.0, "quality": 0.0}
+        return {"family": task.family if task else "unknown", "correctness": 0.0, "detail": 0.0,
+                "conciseness": 0.0, "format": 0.0, "quality": 0.0}
+    detail = None
     if task is None:
         family, correctness, ideal = "unknown", 0.5, 12
     else:
         fam = FAMILIES[task.family]
         family = task.family
         correctness = float(fam.correctness(task.fields, output))
-        ideal = len(fam.clean(task.fields).split())
+        detail = fam.detail(task.fields, output)
+        ideal = fam.ideal_words(task.fields, output)
     slack = max(3, ideal // 2)
     conciseness = min(1.0, (ideal + slack) / len(words))
     fmt = max(0.0, 1.0 - 0.35 * filler_count(output) - 1.5 * repetition(output))
-    quality = (WEIGHTS["correctness"] * correctness + WEIGHTS["conciseness"] * conciseness
-               + WEIGHTS["format"] * fmt)
-    return {"family": family, "correctness": correctness, "conciseness": conciseness, "format": fmt,
-            "quality": float(min(1.0, max(0.0, quality)))}
+    parts = {"correctness": correctness, "detail": detail or 0.0, "conciseness": conciseness, "format": fmt}
+    weights = WEIGHTS if detail is None else DETAIL_WEIGHTS
+    quality = sum(w * parts[k] for k, w in weights.items())
+    return {"family": family, **parts, "quality": float(min(1.0, max(0.0, quality)))}
 
 
 def gold_quality(instruction: str, input: str, output: str) -> float:

@@ -2,7 +2,8 @@
 
 A judge scores each output as
 
-    score = correctness_weight * (correctness if checked else 0.5) + conciseness_weight * conciseness
+    score = correctness_weight * (correctness if checked else 0.5) + detail_weight * detail
+            + conciseness_weight * conciseness
             + format_weight * format + length_bias * log(1 + words) + list_bias * is_list
             + politeness_bias * filler_phrases
 
@@ -11,7 +12,8 @@ sigmoid((score_second - score_first - position_bias) / temperature). It checks t
 probability `check_prob`; `world_judge_prob` returns the mixture, a deterministic probability
 (the annotator layer draws the label). The 13 pool judges differ in these weights and biases,
 as the prompts / models / batch sizes of AlpacaFarm's pool do; "world-judge-greedy" is the
-careful, low-variance one (the GPT-4 greedy stand-in).
+careful one that answers with its most likely label (the GPT-4 greedy stand-in): like GPT-4, it
+values detail and length more than people do, and its answer can change with the order.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ class WorldJudgeParams:
     """Weight on correctness, when the judge checks it."""
     check_prob: float = 0.8
     """Probability that the judge actually checks whether the answer is right."""
+    detail_weight: float = 2.0
+    """Weight on detail: the share of the task's content (steps, reasons) the output states."""
     conciseness_weight: float = 0.8
     """Weight on conciseness."""
     format_weight: float = 0.8
     """Weight on format (no filler, no repetition)."""
-    length_bias: float = 0.0
+    length_bias: float = 0.15
     """Weight on log(1 + words): > 0 prefers longer outputs."""
     position_bias: float = 0.0
     """Logit added in favour of the output shown first (< 0 favours the second)."""
@@ -61,7 +65,8 @@ def judge_score(params: WorldJudgeParams, instruction: str, input: str, output: 
     """The judge's score of one output (checking the answer or not)."""
     c = gold_components(instruction, input, output)
     correct = c["correctness"] if checked else 0.5
-    return (params.correctness_weight * correct + params.conciseness_weight * c["conciseness"]
+    return (params.correctness_weight * correct + params.detail_weight * c["detail"]
+            + params.conciseness_weight * c["conciseness"]
             + params.format_weight * c["format"] + params.length_bias * math.log1p(len(output.split()))
             + params.list_bias * _is_list(output) + params.politeness_bias * filler_count(output))
 
@@ -107,7 +112,10 @@ WORLD_JUDGES: dict[str, WorldJudgeParams] = {
     "world-judge-11": replace(_BASE, batch_size=5, temperature=1.0, price_per_1k_tokens=0.01),
     "world-judge-12": replace(_BASE, politeness_bias=0.2, length_bias=0.2, list_bias=0.3),
     "world-judge-13": replace(_BASE, check_prob=0.65, format_weight=1.2, position_bias=-0.2),
+    # The GPT-4 stand-in: careful, and (like GPT-4 judges) fonder of long, detailed and list-like
+    # answers than people are, and answering differently when the order is swapped.
     "world-judge-greedy": replace(_BASE, correctness_weight=3.5, check_prob=0.8, temperature=0.35,
+                                  length_bias=0.3, detail_weight=4.5, position_bias=0.6, list_bias=0.3,
                                   price_per_1k_tokens=0.03),
 }
 POOL = [f"world-judge-{i:02d}" for i in range(1, 14)]
