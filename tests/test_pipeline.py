@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from prefgym.cli import main
 from prefgym.errors import ConfigError
-from prefgym.pipeline import ALL_METHODS, Stage, load_run_config, run_stages
+from prefgym.pipeline import ALL_METHODS, DEFAULT_METHODS, Stage, load_run_config, run_stages
 
 
 def test_run_config_rejects_unknown_keys(tmp_path):
@@ -58,10 +59,13 @@ def test_quick_pipeline_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", "--scale", "quick", "--out", str(out)]) == 0
     table = pd.read_csv(out / "leaderboard.csv", index_col=0)
-    assert set(table.index) == {"reference", "sft", *ALL_METHODS}
+    assert set(table.index) == {"reference", "sft", *DEFAULT_METHODS}
     for column in ("win_rate", "standard_error", "n_wins", "n_wins_base", "n_draws", "n_total",
-                   "human_win_rate", "gold_win_rate"):
+                   "human_win_rate", "gold_win_rate", "labels", "label_price"):
         assert column in table.columns
+    n_pairs = len(json.loads((out / "sim" / "preference" / "preferences.json").read_text()))
+    assert (table.loc[list(DEFAULT_METHODS), "labels"] == n_pairs).all()  # all trained on the run's pairs
+    assert table.loc["sft", "labels"] == table.loc["reference", "labels"] == 0
     n_eval = len(json.loads((out / "world" / "data" / "eval.json").read_text()))
     assert (table["n_total"] == n_eval).all()
     # the reference judged against itself is a draw on every example
@@ -97,7 +101,7 @@ def test_example_run_config_is_valid_for_every_stage():
     from prefgym.pipeline import Pipeline
 
     cfg = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "run_example.yaml")
-    assert cfg.base_model and cfg.human_annotators is None and set(cfg.methods) == set(ALL_METHODS)
+    assert cfg.base_model and cfg.human_annotators is None and set(cfg.methods) == set(DEFAULT_METHODS)
     pipeline = Pipeline(cfg)
     from prefgym.methods import (best_of_n, dpo, expert_iteration, ppo, preference_data, quark,
                                  reward_model, sft)
@@ -114,3 +118,63 @@ def test_example_run_config_is_valid_for_every_stage():
     assert not pipeline.on_world
     assert pipeline.make_config(ppo.PPOConfig, "ppo").num_mini_batches == ppo.PPOConfig().num_mini_batches
     assert pipeline.make_config(sft.SFTConfig, "sft").save_steps == sft.SFTConfig().save_steps
+
+
+def test_methods_are_chosen_by_name_and_group():
+    from prefgym.pipeline import METHOD_GROUPS
+
+    assert load_run_config(None).methods == list(DEFAULT_METHODS) == METHOD_GROUPS["classic"]
+    assert METHOD_GROUPS["new"] == ["rloo", "grpo", "kto", "simpo", "online_dpo"]
+    assert load_run_config(None, methods=["all"]).methods == list(ALL_METHODS)
+    assert load_run_config(None, methods=["dpo", "classic", "online_dpo"]).methods == \
+        ["dpo", *[m for m in DEFAULT_METHODS if m != "dpo"], "online_dpo"]
+    with pytest.raises(ConfigError, match="unknown method 'newer'.*or a group: classic, new, all"):
+        load_run_config(None, methods=["newer"])
+    assert main(["run", "--methods", "classic,bogus", "--out", "/nonexistent/x"]) == 2
+
+
+@pytest.mark.parametrize("scale", ["quick", "default"])
+def test_every_method_is_a_stage_with_world_settings_that_fit_its_config(tmp_path, scale):
+    """Each registered method's spec builds its config from the run (paths into the run folder) and
+    its world-tuned settings at both scales are fields of its config; all are planned and evaluated."""
+    from prefgym.methods import registry
+    from prefgym.pipeline import Pipeline
+
+    out = tmp_path / "run"
+    pipeline = Pipeline(load_run_config(None, scale=scale, out_dir=str(out), methods=["all"], validate=True))
+    stages = {s.name: s for s in pipeline.stages()}
+    for name in ALL_METHODS:
+        spec = registry.spec(name)
+        assert set(spec.world_settings) == {"quick", "default"}, name
+        config = pipeline.method_config(name, "sim")
+        for key, value in spec.world_settings[scale].items():
+            assert getattr(config, key) == value, (name, key)
+        assert f"sim/{name}" in stages["sim/evaluate"].after and f"human/{name}" in stages
+        folder = getattr(config, "output_dir", None) or str(Path(config.output_file).parent)
+        assert folder == str(out / "sim" / "methods" / name)
+    assert pipeline.method_config("online_dpo", "human").annotators == "world_humans"
+    assert pipeline.method_config("online_dpo", "sim").annotators == "world_pool_noisy"
+
+
+def test_method_times_are_added_per_group_over_both_feedback_sources():
+    from prefgym.pipeline import group_times
+
+    timings = {"sim/dpo": 30, "human/dpo": 12.5, "sim/ppo": 61, "sim/online_dpo": 20, "sft": 100, "sim/kto": 5}
+    assert group_times(["dpo", "ppo", "online_dpo"], timings) == \
+        "classic 1m43s (ppo 1m01s, dpo 42s); new 20s (online_dpo 20s)"  # kto not in this run: not counted
+
+
+def test_leaderboard_markdown_has_a_labels_column_only_when_rows_have_labels():
+    from prefgym.evaluation.report import markdown_leaderboard
+
+    facts = {"n_eval": 2, "scale": "quick", "seed": 0, "columns": {"pool": "world_pool"}}
+    rows = [{"generator": "dpo", "win_rate": 40.0, "standard_error": 2.0, "avg_length": 20, "labels": 400,
+             "label_price": 2.104},
+            {"generator": "sft", "win_rate": 30.0, "standard_error": 2.0, "avg_length": 25, "labels": 0,
+             "label_price": 0.0},
+            {"generator": "reference", "win_rate": 50.0, "standard_error": 0.0, "avg_length": 9, "labels": 0}]
+    text = markdown_leaderboard(rows, facts, [])
+    assert "| rank | generator | win-rate (pool) | avg length | labels |" in text
+    assert "| 1 | dpo | 40.0 ± 2.0 | 20 | 400 ($2.10) |" in text and "| 2 | sft | 30.0 ± 2.0 | 25 | 0 |" in text
+    old = markdown_leaderboard([{k: v for k, v in r.items() if not k.startswith("label")} for r in rows], facts, [])
+    assert "labels" not in old  # results made before labels were counted: no empty column

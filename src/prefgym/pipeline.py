@@ -21,8 +21,13 @@ import yaml
 
 from prefgym.errors import ConfigError
 from prefgym.io import write_json
+from prefgym.methods import registry
 
-ALL_METHODS = ("ppo", "best_of_n", "expert_iteration", "quark", "feedme", "reward_conditioning", "dpo")
+ALL_METHODS = tuple(registry.METHODS)
+"""Every built-in method (`prefgym.methods.registry.METHODS`: one line and a `PIPELINE` spec each)."""
+METHOD_GROUPS = registry.groups()
+"""'classic' (AlpacaFarm's six and DPO: the default), 'new' (RLOO, GRPO, KTO, SimPO, online DPO), 'all'."""
+DEFAULT_METHODS = tuple(METHOD_GROUPS[registry.DEFAULT_GROUP])
 
 
 @dataclass
@@ -47,8 +52,11 @@ class RunConfig:
     """Annotators that judge outputs against the reference at evaluation."""
     human_annotators: str | None = "world_humans"
     """Stand-in for humans: evaluation by them, and training on them with --validate (None to skip)."""
-    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
-    """Methods to run, from: ppo, best_of_n, expert_iteration, quark, feedme, reward_conditioning, dpo."""
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    """Methods to run: names and groups, e.g. [classic, online_dpo] ('classic', the default: ppo, best_of_n,
+    expert_iteration, quark, feedme, reward_conditioning, dpo; 'new': rloo, grpo, kto, simpo, online_dpo; 'all')."""
+    method_file: str | None = None
+    """A Python file defining train(ctx) (your own method): trained and evaluated beside the methods."""
     validate: bool = False
     """Also train every method on the humans' preferences and correlate the two rankings."""
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -72,9 +80,7 @@ def load_run_config(path: str | Path | None, **overrides) -> RunConfig:
     cfg = load_config(RunConfig, path, overrides, where="run config")
     where = str(path) if path is not None else "run config"
     cfg.out_dir = cfg.out_dir or f"prefgym-runs/{cfg.scale}"
-    unknown = [m for m in cfg.methods if m not in ALL_METHODS]
-    if unknown:
-        raise ConfigError(f"{where}: unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+    cfg.methods = expand_methods(cfg.methods, where)
     if cfg.scale not in ("tiny", "quick", "default"):
         raise ConfigError(f"{where}: unknown scale '{cfg.scale}'; choose quick or default")
     for split, source in cfg.data.items():
@@ -88,6 +94,17 @@ def load_run_config(path: str | Path | None, **overrides) -> RunConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: stages.{stage} should be a mapping of config keys to values, got {values!r}")
     return cfg
+
+
+def expand_methods(names: list[str], where: str = "run config") -> list[str]:
+    """Method names with each group name ('classic', 'new', 'all') replaced by its methods; no repeats."""
+    out: list[str] = []
+    for name in names:
+        if name not in ALL_METHODS and name not in METHOD_GROUPS:
+            raise ConfigError(f"{where}: unknown method '{name}'; choose from {', '.join(ALL_METHODS)} "
+                              f"or a group: {', '.join(METHOD_GROUPS)}")
+        out += [m for m in METHOD_GROUPS.get(name, [name]) if m not in out]
+    return out
 
 
 @dataclass
@@ -134,6 +151,7 @@ def run_stages(stages: list[Stage], out_dir: Path, console=None, overwrite: bool
         t0 = time.time()
         stage.run()
         timings[stage.name] = round(time.time() - t0, 2)
+        console.print(f"[dim]stage {stage.name}: {_fmt(timings[stage.name])}[/dim]")
         write_json(timings_path, timings)
         write_json(_record_path(out_dir, stage.name), {
             "seconds": timings[stage.name], "fingerprint": fingerprints[stage.name], "settings": stage.settings,
@@ -141,6 +159,8 @@ def run_stages(stages: list[Stage], out_dir: Path, console=None, overwrite: bool
         ran_weight += stage.weight
         ran_seconds += timings[stage.name]
         remaining -= stage.weight
+    console.print("stage times: " + ", ".join(f"{name} {_fmt(seconds)}" for name, seconds in timings.items()
+                                               if name in plan) + f"; this run {_fmt(ran_seconds)}")
     return timings
 
 
@@ -226,9 +246,9 @@ def _fmt(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-# Per-scale settings of each stage on the built-in world. A run config's `stages` overrides them;
-# on real models and data, set them there (see configs/run_example.yaml).
-_FINETUNE = {"lr": 2e-4, "epochs": 2, "per_device_batch_size": 16, "max_length": 256}
+# Per-scale settings of the stages around the methods on the built-in world (each method's are in its
+# `PIPELINE` spec, `world_settings`). A run config's `stages` overrides them; on real models and
+# data, set them there (see configs/run_example.yaml).
 SCALE_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     # default: the whole loop in about 10 minutes on 2 CPU cores (settings tuned on the world)
     "default": {
@@ -236,17 +256,6 @@ SCALE_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
         "preference_data": {"num_samples": 4, "pairs_per_instruction": 2, "temperature": 1.0,
                             "max_new_tokens": 64, "batch_size": 64},
         "reward_model": {"epochs": 2, "lr": 3e-4, "per_device_batch_size": 16, "max_length": 256},
-        "ppo": {"steps": 100, "lr": 5e-5, "kl_coef": 0.1, "snapshot_steps": 25, "per_device_rollout_batch_size": 16,
-                "num_mini_batches": 2, "ppo_epochs": 2, "max_new_tokens": 64, "max_prompt_length": 256,
-                "temperature": 1.0, "save_steps": 10},
-        "dpo": {"epochs": 2, "lr": 3e-5, "beta": 0.1, "per_device_batch_size": 16, "max_length": 256},
-        "best_of_n": {"n": 4, "temperature": 0.7, "max_new_tokens": 64, "generation_batch_size": 64},
-        "expert_iteration": {**_FINETUNE, "n": 4, "temperature": 0.7, "max_new_tokens": 64,
-                             "generation_batch_size": 64, "max_examples": 400},
-        "quark": {"iterations": 4, "rollout_batch_size": 64, "steps_per_iteration": 8, "lr": 1e-4,
-                  "entropy_coef": 0.0, "max_new_tokens": 64, "generation_batch_size": 64, "max_length": 256},
-        "feedme": dict(_FINETUNE),
-        "reward_conditioning": dict(_FINETUNE),
         "evaluate": {"temperature": 0.7, "max_new_tokens": 64, "batch_size": 64},
     },
 }
@@ -256,15 +265,6 @@ SCALE_SETTINGS["quick"] = {
     "sft": {**SCALE_SETTINGS["default"]["sft"], "epochs": 6},
     "preference_data": {**SCALE_SETTINGS["default"]["preference_data"], "num_samples": 2,
                         "pairs_per_instruction": 1, "max_instructions": 400, "max_new_tokens": 32},
-    "ppo": {**SCALE_SETTINGS["default"]["ppo"], "steps": 6, "max_new_tokens": 32, "save_steps": 3, "snapshot_steps": 3},
-    "best_of_n": {**SCALE_SETTINGS["default"]["best_of_n"], "n": 4, "max_new_tokens": 32},
-    "expert_iteration": {**SCALE_SETTINGS["default"]["expert_iteration"], "n": 4, "max_examples": 64,
-                         "max_new_tokens": 32, "epochs": 1},
-    "quark": {**SCALE_SETTINGS["default"]["quark"], "iterations": 2, "rollout_batch_size": 32,
-              "steps_per_iteration": 2, "max_new_tokens": 32},
-    "dpo": {**SCALE_SETTINGS["default"]["dpo"], "epochs": 1},
-    "feedme": {**_FINETUNE, "epochs": 1},
-    "reward_conditioning": {**_FINETUNE, "epochs": 1},
     "evaluate": {"temperature": 0.7, "max_new_tokens": 32, "batch_size": 64},
 }
 SCALE_SETTINGS["tiny"] = SCALE_SETTINGS["quick"]
@@ -277,6 +277,20 @@ class Pipeline:
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
         self.world = Path(cfg.world_dir) if cfg.world_dir else self.out / "world"
+        self.custom: str | None = None
+        """The name of the method of `cfg.method_file` (your own method), if any."""
+        if cfg.method_file:
+            from prefgym.methods.method_file import RESERVED, load_method_file
+
+            self.custom, _ = load_method_file(cfg.method_file)
+            if self.custom in ALL_METHODS or self.custom in RESERVED:
+                raise ConfigError(f"{cfg.method_file}: NAME '{self.custom}' is taken by a built-in method; "
+                                  "give your method another NAME")
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods of this run: the built-in ones chosen, then the method file's."""
+        return [*self.cfg.methods, *([self.custom] if self.custom else [])]
 
     # --- helpers -----------------------------------------------------------------------------
     @property
@@ -288,7 +302,11 @@ class Pipeline:
         """Scale defaults (built-in world only), then the run config's overrides, then paths."""
         values: dict[str, Any] = {}
         if self.on_world:  # the scale settings are tuned for the world's tiny models only
-            values.update(SCALE_SETTINGS[self.cfg.scale].get(stage, {}))
+            if stage in ALL_METHODS:
+                scale = "quick" if self.cfg.scale == "tiny" else self.cfg.scale
+                values.update(registry.spec(stage).world_settings.get(scale, {}))
+            else:
+                values.update(SCALE_SETTINGS[self.cfg.scale].get(stage, {}))
         values.update(self.cfg.stages.get(stage, {}))
         values.update(fixed)
         return values
@@ -365,38 +383,79 @@ class Pipeline:
                                 preference_file=self.pairs_file(tag),
                                 output_dir=str(self.out / tag / "reward_model"), seed=self.cfg.seed)
 
-    def method_config(self, name: str, tag: str):
-        """The config of one method trained on `tag`'s pairs; its result lands in `<tag>/methods/<name>`."""
-        from prefgym.methods import (best_of_n, dpo, expert_iteration, feedme, ppo, quark,
-                                     reward_conditioning)
+    def feedback(self, tag: str) -> str:
+        """The annotators whose preferences a tag's methods learn from ('sim': the pool, 'human': the humans)."""
+        return self.cfg.train_annotators if tag == "sim" else self.cfg.human_annotators
 
-        sft, rm, out = str(self.out / "sft"), str(self.out / tag / "reward_model"), self.out / tag / "methods" / name
-        pairs, unlabeled = self.pairs_file(tag), self.split("unlabeled")
-        cls, paths = {
-            "ppo": (ppo.PPOConfig, dict(policy_model=sft, reward_model=rm, prompt_file=unlabeled)),
-            "dpo": (dpo.DPOConfig, dict(model_name_or_path=sft, preference_file=pairs)),
-            # an inference-time method: its "result" is its outputs on the evaluation set
-            "best_of_n": (best_of_n.BestOfNConfig, dict(policy_model=sft, reward_model=rm, data=self.split("eval"),
-                                                        output_file=str(out / "model_outputs.json"),
-                                                        generator="best_of_n")),
-            "expert_iteration": (expert_iteration.ExpertIterationConfig,
-                                 dict(model_name_or_path=sft, reward_model=rm, prompts_file=unlabeled)),
-            "quark": (quark.QuarkConfig, dict(policy_model=sft, reward_model=rm, prompts_file=unlabeled)),
-            "feedme": (feedme.FeedMEConfig, dict(model_name_or_path=sft, preference_file=pairs)),
-            "reward_conditioning": (reward_conditioning.RewardConditioningConfig,
-                                    dict(model_name_or_path=sft, preference_file=pairs)),
-        }[name]
-        if name != "best_of_n":
-            paths["output_dir"] = str(out)
-        return self.make_config(cls, name, **paths, seed=self.cfg.seed)
+    def method_dir(self, name: str, tag: str) -> Path:
+        return self.out / tag / "methods" / name
+
+    def run_inputs(self, name: str, tag: str) -> registry.RunInputs:
+        """What the run gives a method trained on `tag`'s feedback; its result lands in `<tag>/methods/<name>`."""
+        return registry.RunInputs(sft=str(self.out / "sft"), reward_model=str(self.out / tag / "reward_model"),
+                                  pairs=self.pairs_file(tag), splits={s: self.split(s) for s in DATA_SPLITS},
+                                  annotators=self.feedback(tag), out=str(self.method_dir(name, tag)))
+
+    def method_config(self, name: str, tag: str):
+        """The config of a built-in method: its spec's fields from the run, then the stage settings."""
+        spec = registry.spec(name)
+        return self.make_config(spec.config, name, **spec.inputs(self.run_inputs(name, tag)), seed=self.cfg.seed)
 
     @staticmethod
     def train_method(name: str, config) -> None:
-        from prefgym.methods import (best_of_n, dpo, expert_iteration, feedme, ppo, quark,
-                                     reward_conditioning)
+        registry.spec(name).train(config)
 
-        {"ppo": ppo.train, "dpo": dpo.train, "best_of_n": best_of_n.run, "expert_iteration": expert_iteration.train,
-         "quark": quark.train, "feedme": feedme.train, "reward_conditioning": reward_conditioning.train}[name](config)
+    # --- your own method (--method-file) -------------------------------------------------------
+    def method_file_settings(self, tag: str) -> dict[str, Any]:
+        from prefgym.methods.method_file import file_digest
+
+        return {"method_file": str(Path(self.cfg.method_file).resolve()), "code": file_digest(self.cfg.method_file),
+                "annotators": self.feedback(tag), "scale": self.cfg.scale, "seed": self.cfg.seed}
+
+    def train_method_file(self, tag: str) -> None:
+        from prefgym.methods.method_file import MethodContext, run_method_file
+
+        ctx = MethodContext(sft_model=str(self.out / "sft"), reward_model_dir=str(self.out / tag / "reward_model"),
+                            pairs_file=self.pairs_file(tag), splits={s: self.split(s) for s in DATA_SPLITS},
+                            annotators=self.feedback(tag), output_dir=self.method_dir(self.custom, tag),
+                            seed=self.cfg.seed, scale=self.cfg.scale, stage_settings=self.settings,
+                            eval_sampling=self.sampling())
+        run_method_file(self.cfg.method_file, ctx)
+
+    # --- what each generator produced, and the labels it used -----------------------------------
+    def result(self, generator: str, tag: str) -> tuple[str, Path | None]:
+        """('reference', None), ('policy', model folder) or ('outputs', outputs file) of a generator."""
+        if generator == "reference":
+            return "reference", None
+        if generator == "sft":
+            return "policy", self.out / "sft"
+        folder = self.method_dir(generator, tag)
+        if generator == self.custom:
+            result = json.loads((folder / "method_result.json").read_text())
+            return ("policy", Path(result["policy"])) if "policy" in result else ("outputs", folder / result["outputs"])
+        if registry.spec(generator).produces == "outputs":
+            return "outputs", folder / "model_outputs.json"
+        return "policy", folder
+
+    def labels_used(self, generator: str, tag: str) -> dict[str, Any]:
+        """Preference labels a generator's training used, with their simulated price and annotator seconds:
+        the run's pairs for the methods trained on them or on the reward model; what a method asked
+        for itself (`labels_used.json`); 0 for the reference and SFT."""
+        from prefgym.methods.method_file import pairs_account
+
+        none = {"labels": 0, "label_price": 0.0, "label_seconds": 0.0}
+        if generator in ("reference", "sft"):
+            return none
+        source = "own" if generator == self.custom else \
+            registry.spec(generator).label_source(self.method_config(generator, tag))
+        if source == "none":
+            return none
+        path = self.method_dir(generator, tag) / "labels_used.json" if source == "own" else Path(self.pairs_file(tag))
+        if not path.exists():
+            return {"labels": None, "label_price": None, "label_seconds": None}
+        used = json.loads(path.read_text()) if source == "own" else pairs_account(path)
+        return {"labels": used["labels"], "label_price": round(used["price"], 4),
+                "label_seconds": round(used["seconds"], 1)}
 
     def outputs(self, generator: str, model_dir: Path | None, tag: str, eval_records: list[dict]) -> list[dict]:
         """Eval-set outputs of one generator (generated once, cached in the run folder).
@@ -406,10 +465,11 @@ class Pipeline:
         from prefgym.io import read_records, write_json
         from prefgym.methods.reward_conditioning import generate_conditioned_outputs
 
-        if generator == "reference":
+        kind, where = self.result(generator, tag)
+        if kind == "reference":
             return [{**r, "generator": "reference"} for r in eval_records]
-        if generator == "best_of_n":  # an inference-time method: its stage wrote its outputs
-            return read_records(self.out / tag / "methods" / "best_of_n" / "model_outputs.json")
+        if kind == "outputs":  # an inference-time method: its stage wrote its outputs
+            return read_records(where)
         path = self.out / tag / "eval" / generator / "model_outputs.json"
         stage = "sft" if generator == "sft" else f"{tag}/{generator}"
         key = _as_json({"model": (_read_record(self.out, stage) or {}).get("fingerprint"),
@@ -427,12 +487,9 @@ class Pipeline:
         from prefgym.evaluation import evaluate_outputs, gold_win_rate
 
         eval_records = self.records("eval")
-        generators: dict[str, Path | None] = {"reference": None, "sft": self.out / "sft"}
-        for name in self.cfg.methods:
-            generators[name] = self.out / tag / "methods" / name
         rows = []
-        for generator, model_dir in generators.items():
-            outputs = self.outputs(generator, model_dir, tag, eval_records)
+        for generator in ("reference", "sft", *self.methods):
+            outputs = self.outputs(generator, self.result(generator, tag)[1], tag, eval_records)
             row: dict[str, Any] = {"generator": generator, "trained_on": tag}
             for label, pool in annotators.items():
                 result, annotations = evaluate_outputs(outputs, eval_records, annotators=pool, seed=self.cfg.seed,
@@ -489,6 +546,7 @@ class Pipeline:
         from prefgym.io import read_records, write_json, write_text_atomic
 
         rows = read_records(self.out / "sim" / "eval" / "results.json")
+        rows = [{**r, **self.labels_used(r["generator"], "sim")} for r in rows]
         rows.sort(key=lambda r: -r["win_rate"])
         table = pd.DataFrame(rows).set_index("generator")
         front = ["win_rate", "standard_error", "n_wins", "n_wins_base", "n_draws", "n_total", "avg_length",
@@ -496,8 +554,8 @@ class Pipeline:
         table = table[[c for c in front if c in table] + [c for c in table if c not in front]]
         write_text_atomic(self.out / "leaderboard.csv", table.to_csv())
         timings = self.out / "timings.json"
-        facts = run_report.run_facts(dataclasses.asdict(self.cfg), n_eval=len(self.records("eval")),
-                                     on_world=self.on_world, has_gold=self.has_gold,
+        facts = run_report.run_facts({**dataclasses.asdict(self.cfg), "methods": self.methods},
+                                     n_eval=len(self.records("eval")), on_world=self.on_world, has_gold=self.has_gold,
                                      stage_times=json.loads(timings.read_text()) if timings.exists() else {})
 
         def pool_annotations(generator: str) -> list[dict] | None:  # for paired comparisons
@@ -548,8 +606,6 @@ class Pipeline:
         tags = [("sim", cfg.train_annotators)]
         if cfg.validate and cfg.human_annotators:
             tags.append(("human", cfg.human_annotators))
-        weights = {"ppo": 4, "best_of_n": 1, "expert_iteration": 2, "quark": 3, "feedme": 1,
-                   "reward_conditioning": 1, "dpo": 1}
         settings = self.fingerprint_settings
         sft = self.sft_config()
         plan = [Stage("world", self.build_world, 1, settings=self.world_settings(), outputs=self.world_outputs()),
@@ -563,16 +619,21 @@ class Pipeline:
                               after=("sft", f"{tag}/preference_data"), outputs=(out / tag / "reward_model",)))
             for name in cfg.methods:
                 method = self.method_config(name, tag)
-                plan.append(Stage(f"{tag}/{name}", lambda n=name, c=method: self.train_method(n, c), weights[name],
-                                  settings=settings(method),
+                plan.append(Stage(f"{tag}/{name}", lambda n=name, c=method: self.train_method(n, c),
+                                  registry.spec(name).weight, settings=settings(method),
                                   after=("sft", f"{tag}/preference_data", f"{tag}/reward_model"),
-                                  outputs=(out / tag / "methods" / name,)))
+                                  outputs=(self.method_dir(name, tag),)))
+            if self.custom:
+                plan.append(Stage(f"{tag}/{self.custom}", lambda t=tag: self.train_method_file(t), 2,
+                                  settings=self.method_file_settings(tag),
+                                  after=("sft", f"{tag}/preference_data", f"{tag}/reward_model"),
+                                  outputs=(self.method_dir(self.custom, tag),)))
             pools = eval_pools if tag == "sim" else {"human": cfg.human_annotators}
             plan.append(Stage(f"{tag}/evaluate", lambda t=tag, p=pools: self.evaluate(t, p), 3,
                               settings={"annotators": pools, "sampling": settings(self.sampling()),
                                         "eval_data": settings({"split": self.split("eval")})["split"],
                                         "gold": self.has_gold},
-                              after=("sft", *[f"{tag}/{name}" for name in cfg.methods])))
+                              after=("sft", *[f"{tag}/{name}" for name in self.methods])))
         plan.append(Stage("report", self.report, 0.5, always=True))
         return plan
 
@@ -611,5 +672,22 @@ def run(cfg: RunConfig, overwrite: bool = False) -> Path:
     plan_stages(stages, out, overwrite)  # fail now, not ten minutes in
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "run_config.json", dataclasses.asdict(cfg))
-    run_stages(stages, out, overwrite=overwrite)
+    timings = run_stages(stages, out, overwrite=overwrite)
+    from prefgym.progress import stderr_console
+
+    stderr_console().print("method times: " + group_times(cfg.methods, timings))
     return out
+
+
+def group_times(methods: list[str], timings: dict[str, float]) -> str:
+    """'classic 2m10s (ppo 30s, ...), new 1m05s (...)': training time of each group's methods in this run."""
+    parts = []
+    for group, members in METHOD_GROUPS.items():
+        if group == "all":
+            continue
+        times = {m: sum(v for k, v in timings.items() if k.split("/")[-1] == m and "/" in k)
+                 for m in members if m in methods}
+        if times:
+            detail = ", ".join(f"{m} {_fmt(t)}" for m, t in times.items())
+            parts.append(f"{group} {_fmt(sum(times.values()))} ({detail})")
+    return "; ".join(parts)

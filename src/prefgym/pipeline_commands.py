@@ -18,7 +18,12 @@ def add_commands(app: typer.Typer) -> None:
         validate: bool = typer.Option(False, "--validate",
                                       help="Also train on the simulated humans' preferences and report the "
                                            "rank correlation of methods between simulated and human feedback."),
-        methods: Optional[str] = typer.Option(None, help="Comma-separated subset of methods to run."),
+        methods: Optional[str] = typer.Option(
+            None, help="Comma-separated methods and groups: classic (the default: AlpacaFarm's six and DPO), "
+                       "new (rloo, grpo, kto, simpo, online_dpo), all; e.g. classic,online_dpo."),
+        method_file: Optional[Path] = typer.Option(
+            None, "--method-file", help="Your own method: a Python file defining train(ctx) (README: 'Your own "
+                                        "method'), trained and evaluated beside the others."),
         overwrite: bool = typer.Option(False, "--overwrite",
                                        help="Redo the stages of the run folder made with other settings "
                                             "(and those that depend on them) instead of stopping."),
@@ -26,17 +31,19 @@ def add_commands(app: typer.Typer) -> None:
         """Run the whole AlpacaFarm loop: world → SFT → pairs → reward model → every method → evaluation.
 
         Reads: the built-in world (built on demand) or the data/models/judges of --config.
-        Writes into the run folder: one sub-folder per stage, leaderboard.csv, leaderboard.md,
-        report.html. Rerunning the same command resumes at the first unfinished stage; each stage
-        records a fingerprint of its settings, and a stage done with other settings (seed,
-        scale, config) stops the run before anything runs, naming the stage and the settings
-        (--overwrite redoes it). Adding methods or --validate adds stages to the folder.
+        Writes into the run folder: one sub-folder per stage, leaderboard.csv, leaderboard.md
+        (with the preference labels each method used), report.html; prints each stage's time.
+        Rerunning the same command resumes at the first unfinished stage; each stage records a
+        fingerprint of its settings, and a stage done with other settings (seed, scale, config)
+        stops the run before anything runs, naming the stage and the settings (--overwrite
+        redoes it). Adding methods or --validate adds stages to the folder.
         """
         from prefgym.pipeline import load_run_config, run
 
         cfg = load_run_config(config, scale=scale, seed=seed, out_dir=str(out) if out else None,
                               validate=validate or None,
-                              methods=methods.split(",") if methods else None)
+                              methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
+                              method_file=str(method_file) if method_file else None)
         folder = run(cfg, overwrite=overwrite)
         typer.echo((folder / "leaderboard.md").read_text())
         typer.echo(f"wrote {folder / 'leaderboard.csv'}, {folder / 'leaderboard.md'}, {folder / 'report.html'}")

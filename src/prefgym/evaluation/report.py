@@ -136,18 +136,31 @@ def _lc_cell(row: dict) -> str:
     return "" if lc is None or lc != lc else f"{lc:.1f}"  # absent or NaN
 
 
+def _labels_cell(row: dict) -> str:
+    """'400' or '400 ($2.10)': the labels a method used, with their simulated price when there is one."""
+    if row.get("labels") is None:
+        return ""
+    price = row.get("label_price")
+    return f"{row['labels']}" + (f" (${price:.2f})" if price else "")
+
+
 def markdown_leaderboard(rows: Sequence[dict], facts: Mapping, notes: Sequence[str]) -> str:
     """The leaderboard as Markdown: a line saying what it is, the ranked methods, the reference
     and the noise warnings below."""
     methods, reference = split_reference(rows)
     columns = [c for c in COLUMNS if c in facts["columns"] and any(r.get(COLUMNS[c][0]) is not None for r in methods)]
-    head = ["generator", *(f"win-rate ({c})" for c in columns), "avg length"]
+    labels = any("labels" in r for r in methods)  # preference labels each method's training used
+    head = ["generator", *(f"win-rate ({c})" for c in columns), "avg length", *(["labels"] if labels else [])]
     lines = [f"Win-rate (%) against the reference ± standard error on {facts['n_eval']} eval instructions; "
              f"scale {facts['scale']}, seed {facts['seed']}.", "",
-             *(f"- {c}: {facts['columns'][c]}" for c in columns), "",
+             *(f"- {c}: {facts['columns'][c]}" for c in columns),
+             *(["- labels: preference labels the method's training used (the pairs behind its reward model or "
+                "its loss, or those it asked for itself), with their simulated price"] if labels else []), "",
              "| rank | " + " | ".join(head) + " |", "|---:|---|" + "---:|" * (len(head) - 1)]
     for rank, r in enumerate(methods, start=1):
         cells = [r["generator"], *(_cell(r, c) for c in columns), str(r.get("avg_length", ""))]
+        if labels:
+            cells.append(_labels_cell(r))
         lines.append(f"| {rank} | " + " | ".join(cells) + " |")
     lines.append("")
     if reference is not None:

@@ -65,6 +65,8 @@ class LabelAccount:
     run_pairs: int = 0
     run_pairs_price: float = 0.0
     run_pairs_seconds: float = 0.0
+    seen: set = field(default_factory=set, repr=False)
+    """Keys of the pairs asked so far (`annotators.example_key`)."""
 
     def as_dict(self) -> dict:
         return {"labels": self.labels + self.run_pairs, "price": self.price + self.run_pairs_price,
@@ -129,17 +131,21 @@ class MethodContext:
                 for r in load_records(self.splits["eval"])]
 
     def annotate(self, pairs: list[dict]) -> list[dict]:
-        """Label pairs (instruction, input, output_1, output_2) with the run's annotators; every label
-        counted. Through the durable cache: a pair asked again (or in a rerun) is counted once per call."""
-        from prefgym.annotators import annotate_pairs
+        """Label pairs (instruction, input, output_1, output_2) with the run's annotators. Each distinct
+        pair labelled counts once (a pair asked again is answered from the durable cache, for free);
+        a pair of identical outputs is a tie that is not asked and costs nothing."""
+        from prefgym.annotators import annotate_pairs, example_key
 
         labelled = annotate_pairs(pairs, self.annotators, seed=self.seed,
                                   cache_dir=self.output_dir / "annotation_cache", progress=False)
-        asked = [r for r, p in zip(labelled, pairs) if p["output_1"] != p["output_2"]]  # identical: a free tie
-        got = [r for r in asked if r.get("preference") is not None]
-        self.account.labels += len(got)
-        self.account.price += float(sum(r.get("price_per_example") or 0.0 for r in asked))
-        self.account.seconds += float(sum(r.get("time_per_example") or 0.0 for r in asked))
+        for r in labelled:
+            key = example_key(r["instruction"], r.get("input") or "", r["output_1"], r["output_2"])
+            if r["output_1"] == r["output_2"] or key in self.account.seen:
+                continue
+            self.account.seen.add(key)
+            self.account.price += float(r.get("price_per_example") or 0.0)
+            self.account.seconds += float(r.get("time_per_example") or 0.0)
+            self.account.labels += int(r.get("preference") is not None)
         return labelled
 
     def _use_run_pairs(self) -> None:

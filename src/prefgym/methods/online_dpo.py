@@ -232,6 +232,7 @@ def train(cfg: OnlineDPOConfig, prompts: list[dict] | None = None) -> Path:
     _keep_rounds_before(out / "pairs.jsonl", start_round)
     rounds = _keep_rounds_before(out / "rounds.jsonl", start_round)
 
+    model.train()
     t0 = time.time()
     with common.make_progress(accelerator) as progress:
         task = progress.add_task("online dpo", total=cfg.rounds, completed=start_round, info="")
@@ -322,10 +323,10 @@ def add_commands(app: typer.Typer) -> None:
         rounds.jsonl and labels_used.json (labels, simulated price and time), metrics.jsonl,
         train_config.json, the annotation cache, and checkpoint/ between rounds (rerun to resume).
         """
-        overrides = {**common.parse_overrides(set_), "policy_model": policy, "prompt_file": prompts,
-                     "annotators": annotators, "output_dir": output_dir, "rounds": rounds,
-                     "pairs_per_round": pairs_per_round, "steps_per_round": steps_per_round, "beta": beta,
-                     "resume": resume}
+        named = {"policy_model": policy, "prompt_file": prompts, "annotators": annotators, "output_dir": output_dir,
+                 "rounds": rounds, "pairs_per_round": pairs_per_round, "steps_per_round": steps_per_round,
+                 "beta": beta, "resume": resume}
+        overrides = {**common.parse_overrides(set_), **{k: v for k, v in named.items() if v is not None}}
         cfg = common.load_config(OnlineDPOConfig, config, overrides)
         path = train(cfg)
         typer.echo(f"online dpo policy: {path} ({(path / 'labels_used.json').read_text().strip()})")
@@ -336,11 +337,11 @@ def add_commands(app: typer.Typer) -> None:
 
 from prefgym.methods.registry import MethodSpec  # noqa: E402
 
-_WORLD = {"rounds": 4, "pairs_per_round": 256, "steps_per_round": 8, "per_device_batch_size": 32, "lr": 3e-5,
+_WORLD = {"rounds": 8, "pairs_per_round": 256, "steps_per_round": 16, "per_device_batch_size": 32, "lr": 1e-4,
           "beta": 0.1, "temperature": 1.0, "max_new_tokens": 64, "max_prompt_length": 256, "max_length": 256}
 PIPELINE = MethodSpec(
     config=OnlineDPOConfig, train=train, weight=2, labels="own",  # it asks the annotators itself
     inputs=lambda run: dict(policy_model=run.sft, prompt_file=run.splits["preference"], annotators=run.annotators,
                             output_dir=run.out),
     world_settings={"default": _WORLD, "quick": {**_WORLD, "rounds": 2, "pairs_per_round": 128,
-                                                 "steps_per_round": 4, "max_new_tokens": 32}})
+                                                 "steps_per_round": 8, "max_new_tokens": 32}})
