@@ -13,9 +13,10 @@ import textwrap
 import pytest
 
 from helpers import run_process, start_process, stop_process_group
+
 from prefgym import io
 from prefgym.cli import main
-from prefgym.errors import ConfigError, DataError, OutputError
+from prefgym.errors import ConfigError, DataError, OutputError, PrefgymError
 
 SAMPLES = [{"instruction": f"q{i}", "outputs": [f"a{i}", f"b{i}", f"c{i}"]} for i in range(4)]
 
@@ -178,3 +179,29 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ")[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.parametrize("command", ["sft", "preference-data", "reward-model", "ppo", "best-of-n", "expert-iteration",
+                                     "quark", "feedme", "reward-conditioning", "dpo", "rloo", "grpo", "kto", "simpo",
+                                     "online-dpo"])
+def test_set_survives_an_unset_named_option(command, monkeypatch):
+    """`--set key=value` reaches the config even when the command has a named option for that key
+    which the user left unset (an unset option is None and must not cancel the --set)."""
+    from prefgym.methods import common
+
+    seen = {}
+
+    class Stop(PrefgymError):
+        pass
+
+    def capture(cls, path=None, overrides=None, **kwargs):
+        seen.update(overrides or {})
+        raise Stop("captured")
+
+    monkeypatch.setattr(common, "load_config", capture)
+    named = {"sft": "lr", "preference-data": "num_samples", "reward-model": "epochs", "ppo": "kl_coef",
+             "best-of-n": "n", "expert-iteration": "n", "quark": "num_quantiles", "feedme": "lr",
+             "reward-conditioning": "lr", "dpo": "beta", "rloo": "k", "grpo": "k", "kto": "beta", "simpo": "beta",
+             "online-dpo": "beta"}[command]
+    assert main([command, "--set", f"{named}=3", "--set", "seed=7"]) == 2
+    assert seen.get(named) == 3 and seen.get("seed") == 7, seen

@@ -216,10 +216,10 @@ def add_commands(app: typer.Typer) -> None:
         """
         from prefgym.methods import common
 
-        overrides = {**common.parse_overrides(set_), "policy_model": policy, "reward_model": reward_model,
+        overrides = common.set_then_flags(set_, {"policy_model": policy, "reward_model": reward_model,
                      "data": data, "split": split, "output_file": out, "n": n, "temperature": temperature,
                      "max_new_tokens": max_new_tokens, "max_examples": max_examples, "seed": seed,
-                     "resume": resume}
+                     "resume": resume})
         cfg = common.load_config(BestOfNConfig, config, overrides)
         path = run(cfg)
         rows = json.loads(path.read_text(encoding="utf-8"))

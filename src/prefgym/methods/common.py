@@ -45,6 +45,12 @@ def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
+def set_then_flags(set_items: Sequence[str] | None, flags: dict[str, Any]) -> dict[str, Any]:
+    """A command's config overrides: its `--set key=value` items, then the named options the user
+    gave (an option left unset is None and does not cancel a `--set` of the same key)."""
+    return {**parse_overrides(set_items), **{k: v for k, v in flags.items() if v is not None}}
+
+
 def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                 where: str = "config"):
     """Build the dataclass `cls` from a YAML file and/or a dict of overrides (overrides win).

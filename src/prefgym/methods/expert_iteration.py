@@ -137,9 +137,9 @@ def add_commands(app: typer.Typer) -> None:
         """
         from prefgym.methods import common
 
-        overrides = {**common.parse_overrides(set_), "model_name_or_path": model, "reward_model": reward_model,
+        overrides = common.set_then_flags(set_, {"model_name_or_path": model, "reward_model": reward_model,
                      "prompts_file": prompts, "prompts_split": prompts_split, "output_dir": out, "n": n,
-                     "epochs": epochs, "lr": lr, "seed": seed, "resume": resume}
+                     "epochs": epochs, "lr": lr, "seed": seed, "resume": resume})
         cfg = common.load_config(ExpertIterationConfig, config, overrides)
         path = train(cfg)
         if int(os.environ.get("RANK", "0")) == 0:

@@ -81,9 +81,9 @@ def add_commands(app: typer.Typer) -> None:
         """
         from prefgym.methods import common
 
-        overrides = {**common.parse_overrides(set_), "model_name_or_path": model, "preference_file": preferences,
+        overrides = common.set_then_flags(set_, {"model_name_or_path": model, "preference_file": preferences,
                      "output_dir": out, "epochs": epochs, "lr": lr, "per_device_batch_size": batch_size,
-                     "seed": seed, "resume": resume}
+                     "seed": seed, "resume": resume})
         cfg = common.load_config(FeedMEConfig, config, overrides)
         path = train(cfg)
         if int(os.environ.get("RANK", "0")) == 0:

@@ -232,9 +232,9 @@ def add_commands(app: typer.Typer) -> None:
         --prompts. Writes to --out: the policy (save_pretrained), metrics.jsonl, train_config.json,
         and checkpoint/ while training (rerun the same command to resume).
         """
-        overrides = {**common.parse_overrides(set_), "policy_model": policy, "reward_model": reward_model,
+        overrides = common.set_then_flags(set_, {"policy_model": policy, "reward_model": reward_model,
                      "reward": reward, "prompt_file": prompts, "output_dir": output_dir, "loss_type": loss_type,
-                     "steps": steps, "k": k, "resume": resume}
+                     "steps": steps, "k": k, "resume": resume})
         cfg = common.load_config(GRPOConfig, config, overrides)
         typer.echo(f"grpo policy: {train(cfg)}")
 

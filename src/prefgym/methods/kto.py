@@ -251,8 +251,8 @@ def add_commands(app: typer.Typer) -> None:
         Writes to --out: the policy (save_pretrained), metrics.jsonl, reference_logps.pt,
         train_config.json, and checkpoint/ while training (rerun the same command to resume).
         """
-        overrides = {**common.parse_overrides(set_), "model_name_or_path": model, "preference_file": preferences,
-                     "unpaired_file": unpaired, "output_dir": output_dir, "beta": beta, "resume": resume}
+        overrides = common.set_then_flags(set_, {"model_name_or_path": model, "preference_file": preferences,
+                     "unpaired_file": unpaired, "output_dir": output_dir, "beta": beta, "resume": resume})
         cfg = common.load_config(KTOConfig, config, overrides)
         typer.echo(f"kto policy: {train(cfg)}")
 

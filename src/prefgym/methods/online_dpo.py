@@ -326,7 +326,7 @@ def add_commands(app: typer.Typer) -> None:
         named = {"policy_model": policy, "prompt_file": prompts, "annotators": annotators, "output_dir": output_dir,
                  "rounds": rounds, "pairs_per_round": pairs_per_round, "steps_per_round": steps_per_round,
                  "beta": beta, "resume": resume}
-        overrides = {**common.parse_overrides(set_), **{k: v for k, v in named.items() if v is not None}}
+        overrides = common.set_then_flags(set_, named)
         cfg = common.load_config(OnlineDPOConfig, config, overrides)
         path = train(cfg)
         typer.echo(f"online dpo policy: {path} ({(path / 'labels_used.json').read_text().strip()})")

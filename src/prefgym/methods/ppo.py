@@ -486,9 +486,9 @@ def add_commands(app: typer.Typer) -> None:
         samples.jsonl, train_config.json, snapshots/step-N (every snapshot_steps) and
         checkpoint/ while training (rerun the same command to resume).
         """
-        overrides = {**common.parse_overrides(set_), "policy_model": policy, "reward_model": reward_model,
+        overrides = common.set_then_flags(set_, {"policy_model": policy, "reward_model": reward_model,
                      "prompt_file": prompts, "output_dir": output_dir, "steps": steps, "kl_coef": kl_coef,
-                     "resume": resume}
+                     "resume": resume})
         cfg = common.load_config(PPOConfig, config, overrides)
         typer.echo(f"ppo policy: {train(cfg)}")
 

@@ -139,9 +139,9 @@ def add_commands(app: typer.Typer) -> None:
         preferences.json (pairs with preference, annotator, price and time), and the annotation
         cache of the judges' answers.
         """
-        overrides = {**common.parse_overrides(set_), "policy_model": policy, "prompt_file": prompts, "split": split,
+        overrides = common.set_then_flags(set_, {"policy_model": policy, "prompt_file": prompts, "split": split,
                      "output_dir": output_dir, "annotators": annotators, "num_samples": num_samples,
-                     "resume": resume}
+                     "resume": resume})
         cfg = common.load_config(PreferenceDataConfig, config, overrides)
         path = run(cfg)
         typer.echo(f"preferences: {path}")

@@ -379,10 +379,10 @@ def add_commands(app: typer.Typer) -> None:
         """
         from prefgym.methods import common
 
-        overrides = {**common.parse_overrides(set_), "policy_model": model, "reward_model": reward_model,
+        overrides = common.set_then_flags(set_, {"policy_model": model, "reward_model": reward_model,
                      "prompts_file": prompts, "prompts_split": prompts_split, "output_dir": out,
                      "iterations": iterations, "num_quantiles": num_quantiles, "kl_coef": kl_coef,
-                     "entropy_coef": entropy_coef, "lr": lr, "seed": seed, "resume": resume}
+                     "entropy_coef": entropy_coef, "lr": lr, "seed": seed, "resume": resume})
         cfg = common.load_config(QuarkConfig, config, overrides)
         path = train(cfg)
         if int(os.environ.get("RANK", "0")) == 0:

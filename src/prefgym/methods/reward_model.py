@@ -367,8 +367,8 @@ def add_commands(app: typer.Typer) -> None:
         accuracy), metrics.jsonl, train_config.json, and checkpoint/ while training (rerun the
         same command to resume).
         """
-        overrides = {**common.parse_overrides(set_), "model_name_or_path": model,
-                     "preference_file": preferences, "output_dir": output_dir, "resume": resume}
+        overrides = common.set_then_flags(set_, {"model_name_or_path": model,
+                     "preference_file": preferences, "output_dir": output_dir, "resume": resume})
         cfg = common.load_config(RewardModelConfig, config, overrides)
         path = train(cfg)
         typer.echo(f"reward model: {path} {json.loads((path / 'eval_results.json').read_text())}")

@@ -397,9 +397,9 @@ def add_commands(app: typer.Typer) -> None:
         Writes to --out: the policy (save_pretrained), metrics.jsonl (score, kl, loss per step),
         train_config.json, and checkpoint/ while training (rerun the same command to resume).
         """
-        overrides = {**common.parse_overrides(set_), "policy_model": policy, "reward_model": reward_model,
+        overrides = common.set_then_flags(set_, {"policy_model": policy, "reward_model": reward_model,
                      "prompt_file": prompts, "output_dir": output_dir, "steps": steps, "k": k, "kl_coef": kl_coef,
-                     "resume": resume}
+                     "resume": resume})
         cfg = common.load_config(RLOOConfig, config, overrides)
         typer.echo(f"rloo policy: {train(cfg)}")
 

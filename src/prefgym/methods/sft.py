@@ -370,7 +370,7 @@ def add_commands(app: typer.Typer) -> None:
 
         Several processes: accelerate launch --multi_gpu --num_processes 2 -m prefgym.cli sft ...
         """
-        from prefgym.methods.common import load_config, parse_overrides
+        from prefgym.methods.common import load_config, set_then_flags
 
         flags = dict(
             model_name_or_path=model, train_file=data, split=split, output_dir=out, epochs=epochs,
@@ -378,7 +378,7 @@ def add_commands(app: typer.Typer) -> None:
             max_length=max_length, seed=seed, save_steps=save_steps, save_every_seconds=save_every_seconds,
             resume=resume, dtype=dtype,
             mixed_precision=mixed_precision, progress=progress)
-        cfg = load_config(SFTConfig, config, {**parse_overrides(set_), **{k: v for k, v in flags.items() if v is not None}})
+        cfg = load_config(SFTConfig, config, set_then_flags(set_, flags))
         path = train_sft(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
             typer.echo(f"wrote {path}")

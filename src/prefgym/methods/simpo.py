@@ -255,8 +255,8 @@ def add_commands(app: typer.Typer) -> None:
         Writes to --out: the policy (save_pretrained), metrics.jsonl, train_config.json, and
         checkpoint/ while training (rerun the same command to resume).
         """
-        overrides = {**common.parse_overrides(set_), "model_name_or_path": model, "preference_file": preferences,
-                     "output_dir": output_dir, "beta": beta, "gamma": gamma, "resume": resume}
+        overrides = common.set_then_flags(set_, {"model_name_or_path": model, "preference_file": preferences,
+                     "output_dir": output_dir, "beta": beta, "gamma": gamma, "resume": resume})
         cfg = common.load_config(SimPOConfig, config, overrides)
         typer.echo(f"simpo policy: {train(cfg)}")
 
