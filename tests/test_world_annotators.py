@@ -121,7 +121,8 @@ def test_systematic_biases():
 
 DETAIL_TASK = "Explain step by step how to work out 4 plus 5."
 EXACT_TASK = "What is 4 plus 5?"
-DETAILED = "Start from 4 and count on 5. 4 + 5 = 9. Check: 9 - 5 = 4. The answer is 9."
+DETAILED = ("We add the two numbers. Start from the first number and count on by the second. "
+            "Here that is 4 plus 5. The answer is 9.")
 RAMBLING = "9. Numbers and words are fun to work with. Many people find tasks like this very interesting."
 PADDED = "Sure! The answer is 9. I hope this helps!"
 

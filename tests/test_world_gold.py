@@ -159,14 +159,15 @@ def test_mean_quality_by_style():
 
 
 DETAIL_TASK = "Explain step by step how to work out 4 plus 5."
-FULL = "Start from 4 and count on 5. 4 + 5 = 9. Check: 9 - 5 = 4. The answer is 9."
+FULL = ("We add the two numbers. Start from the first number and count on by the second. "
+        "Here that is 4 plus 5. The answer is 9.")
 
 
 def test_detail_is_credited_as_content():
     # detail = share of the three steps stated; weights 0.5 correctness, 0.3 detail, 0.1 conciseness, 0.1 format
     assert gold_components(DETAIL_TASK, "", FULL)["detail"] == 1.0
     assert gold_quality(DETAIL_TASK, "", FULL) == pytest.approx(1.0)
-    two = "Start from 4 and count on 5. 4 + 5 = 9. The answer is 9."
+    two = "We add the two numbers. Here that is 4 plus 5. The answer is 9."
     assert gold_components(DETAIL_TASK, "", two)["detail"] == pytest.approx(2 / 3)
     assert gold_quality(DETAIL_TASK, "", two) == pytest.approx(0.5 + 0.3 * 2 / 3 + 0.1 + 0.1)
     assert gold_quality(DETAIL_TASK, "", "9") == pytest.approx(0.7)  # right, but no steps
@@ -178,9 +179,22 @@ def test_detail_is_credited_as_content():
 def test_padding_and_false_steps_still_cost_in_detail_tasks():
     padded = "Sure! Great question! " + FULL + " I hope this helps!"
     rambling = "9. Numbers and words are fun to work with. Many people find tasks like this very interesting."
-    false_step = "Start from 4 and count on 5. 4 + 5 = 10. Check: 9 - 5 = 4. The answer is 9."
+    false_step = "We add the two numbers. 4 + 5 = 10. Here that is 4 plus 5. The answer is 9."
     full = gold_quality(DETAIL_TASK, "", FULL)
     assert full > gold_quality(DETAIL_TASK, "", padded)
     assert gold_quality(DETAIL_TASK, "", "9") > gold_quality(DETAIL_TASK, "", rambling)
     assert gold_components(DETAIL_TASK, "", false_step)["correctness"] == 0.3
     assert gold_quality(DETAIL_TASK, "", false_step) < gold_quality(DETAIL_TASK, "", "9")
+
+
+def test_detail_steps_are_a_small_fixed_vocabulary_per_operation():
+    # the method steps do not depend on the task's numbers or word (a tiny model can learn them);
+    # only the last step restates the task, and steps of another operation earn nothing
+    rng = np.random.default_rng(0)
+    for name in ("explain_steps", "explain", "compare_reasons"):
+        fam = FAMILIES[name]
+        heads = {tuple(fam.facts(sample_task(rng, name).fields)[:2]) for _ in range(200)}
+        assert len(heads) == (3 if name == "explain_steps" else 1), name
+    sub_step = "We subtract the second number from the first. The answer is 9."
+    assert gold_components(DETAIL_TASK, "", sub_step)["detail"] == 0.0
+    assert gold_components(DETAIL_TASK, "", "We add the two numbers. The answer is 9.")["detail"] == pytest.approx(1 / 3)

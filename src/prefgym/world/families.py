@@ -646,10 +646,10 @@ class DetailFamily(Family):
         return _choice(rng, self.ANSWER_TEMPLATES).format(x=self.answer(f))
 
     def detailed(self, f, rng, k: int | None = None):
+        # the first k steps, in order: a regular pattern that a small model can learn to continue
         facts = self.facts(f)
         k = k if k is not None else int(rng.integers(1, len(facts) + 1))
-        chosen = sorted(rng.permutation(len(facts))[:k].tolist())
-        return " ".join([facts[i] for i in chosen] + [self.verbose(f, rng)])
+        return " ".join(facts[:k] + [self.verbose(f, rng)])
 
     def _stated(self, f, output) -> list[str]:
         low = " ".join(output.lower().split())
@@ -690,6 +690,14 @@ class ExplainSteps(DetailFamily):
         Template("Work out the sum of the two numbers in the input and show the steps.", "{a} and {b}", {"op": "add"}),
     ]
 
+    METHOD = {
+        "add": ["We add the two numbers.", "Start from the first number and count on by the second."],
+        "sub": ["We subtract the second number from the first.",
+                "Start from the first number and count back by the second."],
+        "mul": ["We multiply the two numbers.", "Add the first number to itself as many times as the second says."],
+    }
+    WORD = {"add": "plus", "sub": "minus", "mul": "times"}
+
     def sample(self, rng):
         t = _choice(rng, self.templates)
         return t, _operands(rng, t.const["op"])
@@ -698,12 +706,8 @@ class ExplainSteps(DetailFamily):
         return str(_apply(f))
 
     def facts(self, f):
-        a, b, x = f["a"], f["b"], _apply(f)
-        if f["op"] == "add":
-            return [f"Start from {a} and count on {b}.", f"{a} + {b} = {x}.", f"Check: {x} - {b} = {a}."]
-        if f["op"] == "sub":
-            return [f"Take {b} away from {a}.", f"{a} - {b} = {x}.", f"Check: {x} + {b} = {a}."]
-        return [f"That is {a} groups of {b}.", f"{a} * {b} = {x}.", f"Check: {x} / {b} = {a}."]
+        # the method, in fixed steps per operation (a small model can learn them), then the numbers
+        return [*self.METHOD[f["op"]], f"Here that is {f['a']} {self.WORD[f['op']]} {f['b']}."]
 
     def wrong_answer(self, f, rng):
         return str(_apply(f) + int(rng.integers(1, 4)) * (1 if rng.random() < 0.5 else -1))
@@ -730,8 +734,7 @@ class Explain(DetailFamily):
 
     def facts(self, f):
         w = f["word"]
-        return [f"The word {w} has {len(w)} letters.", f"It starts with {w[0]} and ends with {w[-1]}.",
-                f"Read it from the last letter, {w[-1]}, to the first, {w[0]}."]
+        return ["Start from the last letter.", "Write the letters in reverse order.", f"The word is {w}."]
 
     def wrong_answer(self, f, rng):
         w = f["word"]
@@ -763,8 +766,8 @@ class CompareReasons(DetailFamily):
 
     def facts(self, f):
         big, small = self._big_small(f)
-        return [f"{big} is larger than {small}.", f"{big} - {small} = {big - small}.",
-                f"When counting up, {big} comes after {small}."]
+        return ["Compare the two numbers.", "The larger number comes later when counting.",
+                f"{big} is larger than {small}."]
 
     def wrong_answer(self, f, rng):
         return str(self._big_small(f)[1])
