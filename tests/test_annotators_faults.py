@@ -345,3 +345,67 @@ def test_api_key_reaches_no_file_log_or_message(tmp_path, capsys, caplog):
     assert any(p.name.startswith("annotations.sqlite") for p in written)
     for p in written:
         assert SECRET.encode() not in p.read_bytes(), p
+
+
+OPEN_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from prefgym.annotators.cache import AnnotationCache
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.001)
+cache = AnnotationCache(sys.argv[1])
+cache.put_many([(f"k{sys.argv[3]}", "judge", {"preference": 1.0, "error": None, "prompt_tokens": 1.0,
+                 "completion_tokens": 1.0, "price": 0.0, "seconds": 0.0, "raw": None})])
+cache.close()
+"""
+
+
+def test_many_processes_open_a_new_cache_at_once(tmp_path):
+    """Processes that open the same fresh cache in the same instant all get it (switching to WAL
+    and creating the tables can fail at once with 'database is locked' unless retried)."""
+    import subprocess
+    import sys
+
+    for attempt in range(1):
+        folder, go = tmp_path / f"cache{attempt}", tmp_path / f"go{attempt}"
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT_ONCE, str(folder), str(go), str(i)],
+                                  stderr=subprocess.PIPE) for i in range(8)]
+        time.sleep(1.0)  # all started and waiting
+        go.touch()
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        assert all(p.returncode == 0 for p in procs), [e.decode()[-300:] for e in errors if e]
+        from prefgym.annotators.cache import AnnotationCache
+
+        assert len(AnnotationCache(folder)) == 8
+
+
+def test_locked_database_is_retried_and_other_errors_are_not(monkeypatch):
+    from prefgym.annotators import cache as cache_module
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise sqlite3.OperationalError("database is locked")
+        return "ok"
+
+    assert cache_module._retry_while_locked(flaky, patience=5) == "ok" and len(calls) == 3
+
+    def broken():
+        calls.append(1)
+        raise sqlite3.OperationalError("no such table: annotations")
+
+    calls.clear()
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        cache_module._retry_while_locked(broken, patience=5)
+    assert len(calls) == 1  # not a lock: raised at once
+
+    def always_locked():
+        raise sqlite3.OperationalError("database is locked")
+
+    start = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        cache_module._retry_while_locked(always_locked, patience=0.2)
+    assert time.monotonic() - start < 2  # gives up after its patience

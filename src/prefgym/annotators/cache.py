@@ -54,6 +54,21 @@ CREATE TABLE IF NOT EXISTS claims (
 """
 
 
+def _retry_while_locked(action, patience: float = 60.0):
+    """Run `action`, again while SQLite answers "database is locked/busy" at once (it does not wait
+    where waiting could deadlock, e.g. two connections upgrading to a write lock), for up to
+    `patience` seconds with backoff."""
+    deadline, pause = time.monotonic() + patience, 0.01
+    while True:
+        try:
+            return action()
+        except sqlite3.OperationalError as e:
+            if ("locked" not in str(e) and "busy" not in str(e)) or time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+
 def default_cache_dir() -> Path:
     """`$PREFGYM_HOME/cache`, or `~/.cache/prefgym` (never inside the installed package)."""
     home = os.environ.get("PREFGYM_HOME")
@@ -97,13 +112,30 @@ class AnnotationCache:
             raise ConfigError(f"{self.path}: cannot open the annotation cache ({e}); "
                               "pass another --cache-dir or set PREFGYM_HOME") from None
         try:
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")  # durable against process death in WAL mode
-            self.conn.executescript(_SCHEMA)
-            self.conn.execute(f"SELECT key, judge, {', '.join(self.FIELDS)} FROM annotations LIMIT 1").fetchall()
+            self._initialise()
         except sqlite3.Error as e:
             self.conn.close()
             raise self._error(e) from None
+
+    def _initialise(self, patience: float = 60.0) -> None:
+        """WAL mode and the tables. Several processes may open a new cache at once: switching to
+        WAL and creating tables can fail at once with "database is locked" (SQLite does not wait
+        where waiting could deadlock), so retry those for up to `patience` seconds; the schema
+        is created under BEGIN IMMEDIATE, which waits for the write lock instead."""
+        def setup():
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")  # durable against process death in WAL mode
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    self.conn.execute(statement)
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+
+        _retry_while_locked(setup, patience)
+        self.conn.execute(f"SELECT key, judge, {', '.join(self.FIELDS)} FROM annotations LIMIT 1").fetchall()
 
     def _error(self, e: Exception) -> DataError:
         return DataError(f"the annotation cache cannot be used ({e}); move the file away or pass another "
@@ -114,7 +146,7 @@ class AnnotationCache:
         """A write transaction that holds the database lock from its start (BEGIN IMMEDIATE)."""
         with self._lock:
             try:
-                self.conn.execute("BEGIN IMMEDIATE")
+                _retry_while_locked(lambda: self.conn.execute("BEGIN IMMEDIATE"))
             except sqlite3.Error as e:
                 raise self._error(e) from None
             try:
