@@ -178,3 +178,18 @@ def test_leaderboard_markdown_has_a_labels_column_only_when_rows_have_labels():
     assert "| 1 | dpo | 40.0 ± 2.0 | 20 | 400 ($2.10) |" in text and "| 2 | sft | 30.0 ± 2.0 | 25 | 0 |" in text
     old = markdown_leaderboard([{k: v for k, v in r.items() if not k.startswith("label")} for r in rows], facts, [])
     assert "labels" not in old  # results made before labels were counted: no empty column
+
+
+def test_report_html_has_the_labels_column_when_rows_have_labels():
+    from prefgym.evaluation.report import render_html
+
+    facts = {"n_eval": 2, "scale": "quick", "seed": 0, "columns": {"pool": "world_pool"}, "data": "the world",
+             "generated": "now", "methods": ["dpo"], "run_dir": "run", "stage_times": {}, "total_seconds": 0,
+             "train_annotators": "world_pool_noisy", "versions": {"prefgym": "0.1.0"}}
+    rows = [{"generator": "dpo", "win_rate": 40.0, "standard_error": 2.0, "avg_length": 20, "n_total": 2,
+             "labels": 400, "label_price": 2.104},
+            {"generator": "reference", "win_rate": 50.0, "standard_error": 0.0, "avg_length": 9, "n_total": 2}]
+    html = render_html(rows, facts, [], {})
+    assert "labels (price)" in html and "<td>400 ($2.10)</td>" in html
+    plain = render_html([{k: v for k, v in r.items() if not k.startswith("label")} for r in rows], facts, [], {})
+    assert "labels (price)" not in plain

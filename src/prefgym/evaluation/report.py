@@ -236,4 +236,5 @@ def render_html(rows: Sequence[dict], facts: Mapping, notes: Sequence[str], figu
     columns = [c for c in COLUMNS if c in facts["columns"]]
     return env.get_template("report.html").render(
         title=title, facts=facts, notes=notes, methods=methods, reference=reference, columns=columns,
+        show_labels=any("labels" in r for r in methods), labels=_labels_cell,
         cell=_cell, lc=_lc_cell, figures=[(caption, Markup(embed_figure(fig, alt=caption))) for caption, fig in figures.items()])
