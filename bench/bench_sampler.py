@@ -37,7 +37,7 @@ RESULTS = Path(__file__).parent / "results" / "sampler.json"
 class PerRowGumbelSampler(common.SeededSampler):
     """The sampler prefgym used before: argmax(logits / T + Gumbel noise), one CPU generator per row."""
 
-    def __init__(self, seeds, temperature):
+    def __init__(self, seeds, temperature, max_steps=0):
         super().__init__(seeds, temperature)
         self.generators = [torch.Generator().manual_seed(int(s) % (2**63)) for s in seeds]
 

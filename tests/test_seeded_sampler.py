@@ -121,3 +121,21 @@ def test_a_seed_gives_the_same_draws_every_time_and_other_seeds_differ():
     u = common.counter_uniform(torch.tensor([3, 3 + 2**32, 3 + 2**62]), step=0)
     assert len(set(u.tolist())) == 3
     assert first[0] != [other(None, logits.clone()).argmax().item() for _ in range(5)]
+
+
+def test_precomputed_uniforms_equal_the_step_by_step_draws():
+    """The sampler draws the uniforms of its first max_steps steps in one pass: the same values as
+    counter_uniform(seed, step) one step at a time, and past max_steps it goes on step by step."""
+    import torch
+
+    from prefgym.methods.common import SeededSampler, counter_uniform
+
+    sampler = SeededSampler([3, 2**40 + 7, 12345678901], temperature=1.0, max_steps=4)
+    scores = torch.zeros(3, 7)
+    for step in range(6):
+        expected = counter_uniform(sampler.seeds, step)
+        if step < 4:
+            assert torch.equal(sampler.uniforms[:, step], expected)
+        cdf = torch.arange(1, 8, dtype=torch.float64) / 7
+        token = sampler(torch.zeros(3, 1, dtype=torch.long), scores).argmax(-1)
+        assert torch.equal(token, torch.searchsorted(cdf.expand(3, -1), (expected * cdf[-1])[:, None], right=True)[:, 0])

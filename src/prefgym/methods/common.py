@@ -473,18 +473,24 @@ class SeededSampler(LogitsProcessor):
     other than softmax(logits / T), the one the training losses score.
     """
 
-    def __init__(self, seeds: Sequence[int], temperature: float):
+    def __init__(self, seeds: Sequence[int], temperature: float, max_steps: int = 0):
         self.seeds = torch.tensor([int(s) % (2**63) for s in seeds], dtype=torch.long)
         self.temperature = temperature
         self.step = 0
         self.raw_logits: torch.Tensor | None = None
+        # the uniforms of the first `max_steps` steps, drawn in one pass (the same values as one by one)
+        self.uniforms = counter_uniform(self.seeds[:, None].expand(-1, max_steps).contiguous(),
+                                        torch.arange(max_steps)[None, :].expand(len(self.seeds), -1))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.raw_logits is not None and not torch.equal(scores.float(), self.raw_logits):
             raise ConfigError("sampling: generate() altered the model's logits before sampling (a logits "
                               "processor of the generation config?); the samples would not come from the "
                               "distribution the training loss scores")
-        u = counter_uniform(self.seeds.to(scores.device), self.step)  # (B,)
+        if self.step < self.uniforms.shape[1]:
+            u = self.uniforms[:, self.step].to(scores.device)  # (B,)
+        else:
+            u = counter_uniform(self.seeds.to(scores.device), self.step)
         self.step += 1
         cdf = torch.softmax(scores.float() / self.temperature, dim=-1).double().cumsum_(-1)  # (B, V)
         # first index whose cdf exceeds u * total: zero-probability tokens (empty intervals) are never taken
@@ -517,7 +523,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[str], *, seeds: Sequenc
     gen_cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                bos_token_id=tokenizer.bos_token_id)
-    sampler = SeededSampler(seeds, temperature)
+    sampler = SeededSampler(seeds, temperature, max_steps=max_new_tokens)
 
     def keep_raw_logits(module, args, output):
         sampler.raw_logits = output.logits[:, -1].float()
