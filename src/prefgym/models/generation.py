@@ -7,6 +7,7 @@ would have changed is logged once per model.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from contextlib import contextmanager
@@ -150,7 +151,7 @@ def generate_with_eos(model, tokenizer, prompts: list[str], cfg: SamplingConfig,
     try:
         with torch.random.fork_rng(devices=cuda_devices), folder_generation_defaults_ignored(model) as folder:
             _log_ignored(model, folder)
-            for start in _progress(range(0, len(prompts), cfg.batch_size), progress, "generating"):
+            for start in track_progress(range(0, len(prompts), cfg.batch_size), progress, "generating"):
                 batch = tokenizer(prompts[start:start + cfg.batch_size], return_tensors="pt",
                                   padding=True).to(model.device)
                 # Seeded by (seed, first prompt's position): results do not depend on what ran before.
@@ -184,7 +185,6 @@ def generate_outputs(model_path: str | os.PathLike, records: list[dict], cfg: Sa
     and a rerun with the same model, records and settings generates only what is missing.
     """
     import dataclasses
-    import json
 
     from prefgym.io import append_jsonl
     from prefgym.models.loading import load_model_and_tokenizer
@@ -194,6 +194,25 @@ def generate_outputs(model_path: str | os.PathLike, records: list[dict], cfg: Sa
     run_key = stable_hash(str(model_path), json.dumps(dataclasses.asdict(cfg), sort_keys=True),
                           *([] if prompt_format == "auto" else [prompt_format]))
     keys = [str(stable_hash(run_key, i, r["instruction"], r.get("input") or "")) for i, r in enumerate(records)]
+    done = read_partial(partial_file)
+    samples: list[list[str] | None] = [done.get(k) for k in keys]
+    todo = [start for start in range(0, len(records), cfg.batch_size)
+            if any(s is None for s in samples[start:start + cfg.batch_size])]
+    if todo:
+        model, tokenizer = load_model_and_tokenizer(model_path, device="auto", padding_side="left")
+        fmt = make_prompt_formatter(tokenizer, prompt_format)
+        for start in track_progress(todo, progress, "generating"):
+            chunk = records[start:start + cfg.batch_size]
+            outs = generate(model, tokenizer, [fmt(r) for r in chunk], cfg, first_index=start)
+            samples[start:start + len(chunk)] = outs
+            if partial_file is not None:
+                for k, o in zip(keys[start:start + len(chunk)], outs):
+                    append_jsonl(partial_file, {"key": k, "outputs": o})
+    return output_records(records, samples, generator, cfg.num_samples)
+
+
+def read_partial(partial_file) -> dict[str, list[str]]:
+    """The samples a partial file (one `{"key", "outputs"}` line per record) already holds, by key."""
     done: dict[str, list[str]] = {}
     if partial_file is not None and Path(partial_file).exists():
         for line in Path(partial_file).read_text(encoding="utf-8").splitlines():
@@ -202,23 +221,16 @@ def generate_outputs(model_path: str | os.PathLike, records: list[dict], cfg: Sa
             except json.JSONDecodeError:  # a line cut short by a crash
                 continue
             done[row["key"]] = row["outputs"]
-    samples: list[list[str] | None] = [done.get(k) for k in keys]
-    todo = [start for start in range(0, len(records), cfg.batch_size)
-            if any(s is None for s in samples[start:start + cfg.batch_size])]
-    if todo:
-        model, tokenizer = load_model_and_tokenizer(model_path, device="auto", padding_side="left")
-        fmt = make_prompt_formatter(tokenizer, prompt_format)
-        for start in _progress(todo, progress, "generating"):
-            chunk = records[start:start + cfg.batch_size]
-            outs = generate(model, tokenizer, [fmt(r) for r in chunk], cfg, first_index=start)
-            samples[start:start + len(chunk)] = outs
-            if partial_file is not None:
-                for k, o in zip(keys[start:start + len(chunk)], outs):
-                    append_jsonl(partial_file, {"key": k, "outputs": o})
+    return done
+
+
+def output_records(records: list[dict], samples: list[list[str]], generator: str, num_samples: int) -> list[dict]:
+    """AlpacaEval-format records: the input fields plus `output` (the first sample) and `generator`,
+    and `outputs` (all samples) when there are several."""
     results = []
     for record, outs in zip(records, samples):
         row = {**record, "input": record.get("input") or "", "output": outs[0], "generator": generator}
-        if cfg.num_samples > 1:
+        if num_samples > 1:
             row["outputs"] = outs
         results.append(row)
     return results
@@ -228,11 +240,11 @@ def _until_eos(ids: list[int], eos_token_id: int) -> list[int]:
     return ids[:ids.index(eos_token_id)] if eos_token_id in ids else ids
 
 
-def _progress(iterable, enabled: bool, description: str):
+def track_progress(iterable, enabled: bool, description: str, total: int | None = None):
     if not enabled:
         return iterable
     from rich.progress import track
 
     from prefgym.progress import stderr_console
 
-    return track(iterable, description=description, console=stderr_console())
+    return track(iterable, total=total, description=description, console=stderr_console())

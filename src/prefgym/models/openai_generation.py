@@ -19,11 +19,10 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from pathlib import Path
 
 from prefgym.data.prompts import format_record, user_turn
 from prefgym.errors import ConfigError, PrefgymError
-from prefgym.models.generation import SamplingConfig
+from prefgym.models.generation import SamplingConfig, output_records, read_partial, track_progress
 
 
 @dataclass
@@ -92,7 +91,7 @@ def generate_outputs_openai(server: ServerConfig, records: list[dict], cfg: Samp
     check_config(server, cfg)
     run_key = stable_hash(server.served_model, server.prompt_format, json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     keys = [str(stable_hash(run_key, i, r["instruction"], r.get("input") or "")) for i, r in enumerate(records)]
-    done = _read_partial(partial_file)
+    done = read_partial(partial_file)
     samples: list[list[str] | None] = [done.get(k) for k in keys]
     client = openai.OpenAI(api_key=os.environ.get(server.api_key_env) or "EMPTY", base_url=server.base_url,
                            timeout=server.timeout, max_retries=0)  # retried here, malformed replies too
@@ -100,21 +99,14 @@ def generate_outputs_openai(server: ServerConfig, records: list[dict], cfg: Samp
     pool = ThreadPoolExecutor(max_workers=server.max_concurrency)
     try:
         futures = {pool.submit(_record_samples, client, server, cfg, records[i], i): i for i in todo}
-        for future in _progress(as_completed(futures), len(futures), progress):
+        for future in track_progress(as_completed(futures), progress, "generating", total=len(futures)):
             i = futures[future]
             samples[i] = future.result()
             if partial_file is not None:
                 append_jsonl(partial_file, {"key": keys[i], "outputs": samples[i]})
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    generator = generator or server.served_model
-    results = []
-    for record, outs in zip(records, samples):
-        row = {**record, "input": record.get("input") or "", "output": outs[0], "generator": generator}
-        if cfg.num_samples > 1:
-            row["outputs"] = outs
-        results.append(row)
-    return results
+    return output_records(records, samples, generator or server.served_model, cfg.num_samples)
 
 
 def _record_samples(client, server: ServerConfig, cfg: SamplingConfig, record: dict, index: int) -> list[str]:
@@ -175,25 +167,3 @@ def _reply_text(body: str, chat: bool) -> str:
     if not isinstance(text, str):
         raise _Retryable(f"malformed reply: choices[0] has no text ({type(text).__name__})")
     return text
-
-
-def _read_partial(partial_file) -> dict[str, list[str]]:
-    done: dict[str, list[str]] = {}
-    if partial_file is not None and Path(partial_file).exists():
-        for line in Path(partial_file).read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
-            done[row["key"]] = row["outputs"]
-    return done
-
-
-def _progress(iterable, total: int, enabled: bool):
-    if not enabled:
-        return iterable
-    from rich.progress import track
-
-    from prefgym.progress import stderr_console
-
-    return track(iterable, total=total, description="generating", console=stderr_console())
