@@ -603,6 +603,23 @@ def load_checkpoint(accelerator, ckpt_dir: Path) -> dict | None:
     return json.loads((ckpt_dir / "state.json").read_text())
 
 
+def resume_or_start(accelerator, cfg, out: Path, fresh: Sequence[str] = ("metrics.jsonl",)) -> dict | None:
+    """A training loop's start in `out`: with `cfg.resume` and a checkpoint there, restore it, drop
+    the metrics rows written after its step, and return its state; otherwise start over (the main
+    process removes the `fresh` files an earlier run left and saves the config as
+    train_config.json) and return None."""
+    if cfg.resume and (state := load_checkpoint(accelerator, out / "checkpoint")):
+        if accelerator.is_main_process:
+            drop_metrics_after(out / "metrics.jsonl", state["step"])
+        return state
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in fresh:
+            (out / name).unlink(missing_ok=True)
+        save_config(cfg, out / "train_config.json")
+    return None
+
+
 class CheckpointSchedule:
     """When to save a checkpoint: every `save_steps` optimizer steps and whenever
     `save_every_seconds` have passed since the last save (0 turns either off), never after the

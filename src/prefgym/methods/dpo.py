@@ -314,14 +314,8 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
                           "lower per_device_batch_size or grad_accum")
     total_steps = steps_per_epoch * cfg.epochs
     ckpt_dir = out / "checkpoint"
-    step = 0
-    if cfg.resume and (state := common.load_checkpoint(accelerator, ckpt_dir)):
-        step = state["step"]
-        if accelerator.is_main_process:
-            common.drop_metrics_after(out / "metrics.jsonl", step)
-    elif accelerator.is_main_process:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        common.save_config(cfg, out / "train_config.json")
+    state = common.resume_or_start(accelerator, cfg, out)
+    step = state["step"] if state else 0
 
     # 3. Train: optimizer step k of an epoch takes the k-th global batch of a seeded permutation;
     #    process `rank` takes its slice of each micro-batch (same global batches on 1 or N processes).

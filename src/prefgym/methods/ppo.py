@@ -340,16 +340,8 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
         return accelerator.reduce(t, "sum")
 
     ckpt_dir = out / "checkpoint"
-    step, kl_coef = 0, cfg.kl_coef
-    if cfg.resume and (state := common.load_checkpoint(accelerator, ckpt_dir)):
-        step, kl_coef = state["step"], state["kl_coef"]
-        if accelerator.is_main_process:
-            common.drop_metrics_after(out / "metrics.jsonl", step)
-    elif accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        (out / "samples.jsonl").unlink(missing_ok=True)
-        common.save_config(cfg, out / "train_config.json")
+    state = common.resume_or_start(accelerator, cfg, out, fresh=("metrics.jsonl", "samples.jsonl"))
+    step, kl_coef = (state["step"], state["kl_coef"]) if state else (0, cfg.kl_coef)
 
     crash_after = int(os.environ.get(CRASH_AFTER_STEP_ENV, "0"))  # tests: simulated kill
     t0 = time.time()

@@ -157,15 +157,8 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
     total_steps = steps_per_epoch * cfg.epochs
 
     ckpt_dir = out / "checkpoint"
-    step = 0
-    if cfg.resume and (state := common.load_checkpoint(accelerator, ckpt_dir)):
-        step = state["step"]
-        if accelerator.is_main_process:
-            common.drop_metrics_after(out / "metrics.jsonl", step)
-    elif accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        common.save_config(cfg, out / "train_config.json")
+    state = common.resume_or_start(accelerator, cfg, out)
+    step = state["step"] if state else 0
 
     # 3. Train: each optimizer step takes the next global batch of a per-epoch permutation;
     #    process `rank` takes its slice, so 1 and N processes see the same global batches.

@@ -267,15 +267,8 @@ def train_group_policy(cfg, prompts: list[dict] | None, name: str, score_fn_fact
         return accelerator.reduce(t, "sum")
 
     ckpt_dir = out / "checkpoint"
-    step = 0
-    if cfg.resume and (state := common.load_checkpoint(accelerator, ckpt_dir)):
-        step = state["step"]
-        if accelerator.is_main_process:
-            common.drop_metrics_after(out / "metrics.jsonl", step)
-    elif accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        common.save_config(cfg, out / "train_config.json")
+    state = common.resume_or_start(accelerator, cfg, out)
+    step = state["step"] if state else 0
 
     crash_after = int(os.environ.get(CRASH_AFTER_STEP_ENV, "0"))  # tests: simulated kill
     t0 = time.time()

@@ -148,15 +148,8 @@ def train_on_examples(cfg, name: str, accelerator, model: PairLogps, tokenizer, 
                           "lower per_device_batch_size or grad_accum")
     total_steps = steps_per_epoch * cfg.epochs
     ckpt_dir = out / "checkpoint"
-    step = 0
-    if cfg.resume and (state := common.load_checkpoint(accelerator, ckpt_dir)):
-        step = state["step"]
-        if accelerator.is_main_process:
-            common.drop_metrics_after(out / "metrics.jsonl", step)
-    elif accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        common.save_config(cfg, out / "train_config.json")
+    state = common.resume_or_start(accelerator, cfg, out)
+    step = state["step"] if state else 0
 
     crash_after = int(os.environ.get(CRASH_AFTER_STEP_ENV, "0"))  # tests: simulated kill
     model.train()
