@@ -33,9 +33,10 @@ def _build_app() -> typer.Typer:
     from prefgym.web import commands as web_commands
     from prefgym.models import commands as model_commands
     from prefgym import pipeline_commands
+    from prefgym.studies import commands as study_commands
 
     for module in (world_commands, data_commands, annotator_commands, method_commands,
-                   evaluation_commands, web_commands, model_commands, pipeline_commands):
+                   evaluation_commands, web_commands, model_commands, pipeline_commands, study_commands):
         module.add_commands(app)
     return app
 
