@@ -253,29 +253,27 @@ def test_quark_scores_cut_off_rollouts_with_the_missing_eos_penalty(models, tmp_
 
 
 # ---------------------------------------------------------------------------------------------
-# Expert iteration: the main process samples, the others wait, a failure stops them all
+# Work on the main process only (preference-data annotation): the others wait, a failure stops them all
 
 
 def test_work_on_the_main_process_runs_once_and_its_failure_is_raised():
-    from prefgym.methods.expert_iteration import run_on_main_process
-    from prefgym.methods.sft import _accelerator
+    from prefgym.models.generation import main_process_only
 
     calls = []
-    run_on_main_process(_accelerator("no"), "sampling", lambda: calls.append(1))
+    main_process_only("sampling", lambda: calls.append(1))
     assert calls == [1]
     with pytest.raises(ValueError, match="boom"):
-        run_on_main_process(_accelerator("no"), "sampling", lambda: (_ for _ in ()).throw(ValueError("boom")))
+        main_process_only("sampling", lambda: (_ for _ in ()).throw(ValueError("boom")))
 
 
 EI_FAIL_SCRIPT = textwrap.dedent("""
     import sys
-    from prefgym.methods import expert_iteration as ei
-    from prefgym.methods.sft import _accelerator
+    from prefgym.models.generation import main_process_only
 
     def work():
         raise RuntimeError("no reward model here")
 
-    ei.run_on_main_process(_accelerator("no"), "best-of-n sampling", work)
+    main_process_only("best-of-n sampling", work)
     print("carried on")
 """)
 

@@ -124,6 +124,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
 
 
+def test_trainable_models_come_in_train_mode_and_checkpoint(tiny):
+    """from_pretrained gives eval mode, where transformers skips checkpointing: PPO and RLOO, which
+    never call .train(), trained without it. A trainable model now comes in train mode and its
+    layers go through the checkpoint function; generation models stay in eval mode."""
+    from prefgym.methods.ppo import PPOConfig
+    from prefgym.models.loading import load_model_and_tokenizer
+
+    calls = []
+    for gc in (False, True):
+        model = load_policy(tiny, PPOConfig(gradient_checkpointing=gc))
+        assert model.training
+        n = [0]
+        for layer in model.model.layers:
+            inner = getattr(layer, "_gradient_checkpointing_func", None)
+            if inner is not None:
+                layer._gradient_checkpointing_func = lambda *a, inner=inner, n=n, **k: (
+                    n.__setitem__(0, n[0] + 1), inner(*a, **k))[1]
+        ids = torch.randint(5, 100, (2, 12))
+        model(input_ids=ids, labels=ids).loss.backward()
+        calls.append(n[0])
+    assert calls == [0, len(model.model.layers)]
+    assert not load_policy(tiny, PPOConfig(), trainable=False).training
+    assert not load_model_and_tokenizer(tiny, cfg=PPOConfig())[0].training  # generation: no dropout
+
+
 def test_sft_set_dtype_and_report_to_on_the_cli(tiny, tmp_path):
     """`prefgym sft --set dtype=bfloat16` (sft has --set too); an unknown tracker exits 2."""
     from prefgym.cli import main

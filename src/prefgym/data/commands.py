@@ -67,7 +67,7 @@ def add_commands(app: typer.Typer) -> None:
         """
         from prefgym.data import load_records
         from prefgym.io import write_json
-        from prefgym.models.generation import SamplingConfig, generate_outputs
+        from prefgym.models.generation import SamplingConfig, generate_outputs, is_main_process
 
         from prefgym.errors import ConfigError
 
@@ -91,6 +91,7 @@ def add_commands(app: typer.Typer) -> None:
         else:
             outputs = generate_outputs(model, records, cfg, generator=generator, progress=progress,
                                        partial_file=partial)
-        write_json(out, outputs)
-        partial.unlink(missing_ok=True)
-        typer.echo(f"wrote {len(outputs)} outputs to {out}")
+        if is_main_process():  # several processes (accelerate launch): each holds all outputs, one writes
+            write_json(out, outputs)
+            partial.unlink(missing_ok=True)
+            typer.echo(f"wrote {len(outputs)} outputs to {out}")

@@ -44,9 +44,15 @@ def add_commands(app: typer.Typer) -> None:
             raise DataError("give MODEL_OUTPUTS (a model_outputs.json) or --model to generate them")
         sampling = None
         if model is not None and model_outputs is None:
-            from prefgym.models.generation import SamplingConfig
+            from prefgym.io import read_records
+            from prefgym.models.generation import SamplingConfig, generate_outputs, is_main_process, world_size
 
             sampling = SamplingConfig(max_new_tokens=max_new_tokens, seed=seed)
+            if world_size() > 1:  # several processes share the generation; the main one judges and writes
+                model_outputs = generate_outputs(model, read_records(reference), sampling,
+                                                 generator=generator or model.name)
+                if not is_main_process():
+                    return
         row = evaluate(model_outputs, reference, model_path=model, out_dir=output_dir, annotators=annotators,
                        seed=seed, cache_dir=cache_dir, sampling=sampling, generator=generator, gold=gold)
         typer.echo(f"{row['generator']}: win-rate {row['win_rate']:.2f} ± {row['standard_error']:.2f} "

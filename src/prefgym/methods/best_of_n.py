@@ -22,11 +22,11 @@ import numpy as np
 import typer
 
 from prefgym.errors import ConfigError
-from prefgym.methods.fields import ModelFields
+from prefgym.methods.fields import ModelFields, RewardEnsembleFields
 
 
 @dataclass
-class BestOfNConfig(ModelFields):
+class BestOfNConfig(RewardEnsembleFields, ModelFields):
     """Best-of-n sampling settings (AlpacaFarm: temperature 1.0; n from 1 to 1024, 16 a good default)."""
 
     policy_model: str = ""
@@ -72,7 +72,8 @@ class BestOfNConfig(ModelFields):
 
 def best_of_n(model, tokenizer, records: list[dict], reward_fn: Callable[[list[dict]], np.ndarray],
               n: int, sampling=None, generator: str = "best_of_n",
-              missing_eos_penalty: Optional[float] = -1.0, fmt: Optional[Callable[[dict], str]] = None) -> list[dict]:
+              missing_eos_penalty: Optional[float] = -1.0, fmt: Optional[Callable[[dict], str]] = None,
+              first_index: int = 0) -> list[dict]:
     """The best of `n` samples per record under `reward_fn` (records -> rewards array).
 
     `fmt` makes a record's prompt (`prefgym.data.prompts.make_prompt_formatter`; default Alpaca).
@@ -80,14 +81,16 @@ def best_of_n(model, tokenizer, records: list[dict], reward_fn: Callable[[list[d
     max_new_tokens (no EOS) is rewarded `missing_eos_penalty` (`common.missing_eos_scores`).
     Returns one AlpacaEval-format record per input record: `output` (the best sample), `reward`
     (its reward), `outputs` (all n samples), `rewards` (theirs), `truncated` (which had no EOS)
-    and `best_index`.
+    and `best_index`. `first_index`: the position of `records[0]` in a longer list sampled piece by
+    piece (`generate_with_eos` seeds each batch by its position).
     """
     from prefgym.data.prompts import format_record
     from prefgym.methods.common import missing_eos_scores
     from prefgym.models.generation import SamplingConfig, generate_with_eos
 
     sampling = dataclasses.replace(sampling or SamplingConfig(), num_samples=n)
-    samples, finished = generate_with_eos(model, tokenizer, [(fmt or format_record)(r) for r in records], sampling)
+    samples, finished = generate_with_eos(model, tokenizer, [(fmt or format_record)(r) for r in records], sampling,
+                                          first_index=first_index)
     candidates = [{"instruction": r["instruction"], "input": r.get("input") or "", "output": s}
                   for r, group in zip(records, samples) for s in group]
     rewards = np.asarray(reward_fn(candidates), dtype=float).reshape(len(records), n)
@@ -109,9 +112,10 @@ def run(cfg: BestOfNConfig) -> Path:
     from prefgym.data import load_records
     from prefgym.data.prompts import make_prompt_formatter
     from prefgym.io import append_jsonl, read_records, write_json
-    from prefgym.methods.reward_model import RewardScorer
+    from prefgym.methods.reward_model import load_reward_scorer
     from prefgym.models import load_model_and_tokenizer
-    from prefgym.models.generation import SamplingConfig
+    from prefgym.models.generation import (SamplingConfig, is_main_process, map_sharded, process_device,
+                                           wait_for_everyone)
     from prefgym.seeding import stable_hash
 
     for key in ("policy_model", "reward_model", "data"):
@@ -130,15 +134,17 @@ def run(cfg: BestOfNConfig) -> Path:
     if cfg.max_examples >= 0:
         records = records[:cfg.max_examples]
     done = read_records(partial) if cfg.resume and partial.exists() else []
-    if not done:
+    if not done and is_main_process():
         partial.unlink(missing_ok=True)
         metrics_file.unlink(missing_ok=True)
 
-    model, tokenizer = load_model_and_tokenizer(cfg.policy_model, device="auto", padding_side="left", cfg=cfg)
+    model, tokenizer = load_model_and_tokenizer(cfg.policy_model, device=process_device(), padding_side="left",
+                                                cfg=cfg)
     fmt = make_prompt_formatter(tokenizer, cfg.prompt_format)
-    scorer = RewardScorer(cfg.reward_model, device=model.device, batch_size=cfg.scoring_batch_size, model_cfg=cfg)
+    scorer = load_reward_scorer(cfg.reward_model, cfg.reward_ensemble, cfg.uwo_coef, device=model.device,
+                                batch_size=cfg.scoring_batch_size, model_cfg=cfg)
     chunks = range(len(done), len(records), cfg.chunk_size)
-    with _progress(cfg.progress, len(records), len(done)) as advance:
+    with _progress(cfg.progress and is_main_process(), len(records), len(done)) as advance:
         for start in chunks:
             t0 = time.perf_counter()
             chunk = records[start:start + cfg.chunk_size]
@@ -147,21 +153,28 @@ def run(cfg: BestOfNConfig) -> Path:
             seed = cfg.seed if start == 0 else stable_hash(cfg.seed, "best-of-n-chunk", start)
             sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                                       batch_size=cfg.generation_batch_size, seed=seed)
-            rows = best_of_n(model, tokenizer, chunk, scorer.score, cfg.n, sampling, generator, cfg.missing_eos_penalty,
-                             fmt)
-            for row in rows:
-                append_jsonl(partial, row)
-            append_jsonl(metrics_file, {"examples_done": start + len(chunk),
-                                        "best_reward": float(np.mean([r["reward"] for r in rows])),
-                                        "mean_reward": float(np.mean([r["rewards"] for r in rows])),
-                                        "seconds": round(time.perf_counter() - t0, 2)})
+            # Several processes share the chunk's generation batches (sampled and scored as one process would).
+            b = cfg.generation_batch_size
+            parts = map_sharded(lambda i: best_of_n(model, tokenizer, chunk[i:i + b], scorer.score, cfg.n, sampling,
+                                                    generator, cfg.missing_eos_penalty, fmt, first_index=i),
+                                range(0, len(chunk), b))
+            rows = [row for part in parts for row in part]
+            if is_main_process():
+                for row in rows:
+                    append_jsonl(partial, row)
+                append_jsonl(metrics_file, {"examples_done": start + len(chunk),
+                                            "best_reward": float(np.mean([r["reward"] for r in rows])),
+                                            "mean_reward": float(np.mean([r["rewards"] for r in rows])),
+                                            "seconds": round(time.perf_counter() - t0, 2)})
             advance(len(chunk))
 
-    rows = read_records(partial)
-    if not cfg.keep_samples:
-        rows = [{k: v for k, v in r.items() if k not in ("outputs", "rewards", "truncated")} for r in rows]
-    write_json(out, rows)
-    partial.unlink(missing_ok=True)
+    if is_main_process():
+        rows = read_records(partial)
+        if not cfg.keep_samples:
+            rows = [{k: v for k, v in r.items() if k not in ("outputs", "rewards", "truncated")} for r in rows]
+        write_json(out, rows)
+        partial.unlink(missing_ok=True)
+    wait_for_everyone()  # the others return once the file is there
     return out
 
 

@@ -17,6 +17,7 @@ import json
 import time
 import types
 import typing
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -81,7 +82,10 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
                 f"{where}: unknown key '{key}' for {cls.__name__}; known keys: {', '.join(sorted(fields))}"
             )
         values[key] = _coerce(value, hints[key], where, key)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as e:  # a value its __post_init__ refuses: say where it came from
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _coerce(value, hint, where: str, key: str):
@@ -214,7 +218,9 @@ def apply_lora(model, cfg, task_type: str):
 
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules="all-linear", task_type=task_type)
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():  # peft reads transformers 5's deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora)
 
 
 def unwrap_peft(model):

@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
-from prefgym.errors import ConfigError, PrefgymError
+from prefgym.errors import ConfigError
 from prefgym.methods.best_of_n import BestOfNConfig, run as run_best_of_n
+from prefgym.methods.fields import RewardEnsembleFields
 from prefgym.methods.reward_conditioning import sft_config
 from prefgym.methods.sft import SFTConfig, _accelerator, train_sft
 
@@ -24,7 +25,7 @@ BEST_OF_N_FILE = "best_of_n_outputs.json"
 
 
 @dataclass
-class ExpertIterationConfig(SFTConfig):
+class ExpertIterationConfig(RewardEnsembleFields, SFTConfig):
     """Expert iteration: every SFTConfig field (how to fine-tune), plus how to pick the outputs.
 
     `model_name_or_path` is the SFT model: it both samples the outputs and is fine-tuned on them.
@@ -65,47 +66,21 @@ def train(cfg: ExpertIterationConfig) -> Path:
     out = Path(cfg.output_dir)
     chosen_file = out / BEST_OF_N_FILE
 
-    # 1. Best-of-n outputs of the SFT policy: the main process samples while the others wait; if
-    #    it fails, every process stops.
-    accelerator = _accelerator(cfg.mixed_precision)  # the one `train_sft` uses next
-    run_on_main_process(accelerator, "best-of-n sampling", lambda: run_best_of_n(BestOfNConfig(
+    # 1. Best-of-n outputs of the SFT policy. Several processes share the sampling and scoring
+    #    (`best_of_n.run` writes on the main process; all return once the file is there).
+    _accelerator(cfg.mixed_precision)  # the process state `train_sft` uses next
+    run_best_of_n(BestOfNConfig(
         policy_model=cfg.model_name_or_path, reward_model=cfg.reward_model, data=cfg.prompts_file,
         split=cfg.prompts_split, output_file=str(chosen_file), n=cfg.n, temperature=cfg.temperature,
         top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, missing_eos_penalty=cfg.missing_eos_penalty,
         generation_batch_size=cfg.generation_batch_size, max_examples=cfg.max_examples, seed=cfg.seed,
         resume=cfg.resume, progress=cfg.progress, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-        prompt_format=cfg.prompt_format)))
+        prompt_format=cfg.prompt_format, reward_ensemble=cfg.reward_ensemble, uwo_coef=cfg.uwo_coef))
 
     # 2. SFT of the SFT model on them.
     records = [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]}
                for r in read_records(chosen_file)]
     return train_sft(sft_config(cfg, train_file=None, split=None), records=records)
-
-
-def run_on_main_process(accelerator, what: str, work: Callable[[], object]) -> None:
-    """Run `work` on the main process only; the others wait for it (a broadcast of its outcome).
-
-    If `work` fails on the main process, it re-raises there and every other process raises a
-    PrefgymError naming `what`, instead of waiting forever.
-    """
-    from accelerate.utils import broadcast_object_list
-
-    from prefgym.methods.common import end_training
-
-    error = None
-    if accelerator.is_main_process:
-        try:
-            work()
-        except BaseException as e:  # noqa: BLE001 (re-raised below, once the others know)
-            error = e
-    outcome = [None if error is None else f"{type(error).__name__}: {error}"]
-    broadcast_object_list(outcome, from_process=0)
-    if outcome[0] is not None:
-        end_training(accelerator)  # leave no process group behind to hang at exit
-    if error is not None:
-        raise error
-    if outcome[0] is not None:
-        raise PrefgymError(f"expert iteration: the main process failed during {what} ({outcome[0]})")
 
 
 def add_commands(app: typer.Typer) -> None:

@@ -1,4 +1,5 @@
-"""Config fields every method shares, defined once: how models load, LoRA, experiment tracking.
+"""Config fields every method shares, defined once: how models load, LoRA, reward-model ensembles,
+experiment tracking.
 
 A method's config inherits them (`class DPOConfig(TrainFields, LoraFields)`), so `--set
 dtype=bfloat16`, `--set gradient_checkpointing=true` or `--set report_to=tensorboard` work on
@@ -68,6 +69,35 @@ class LoraFields:
     """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA inputs."""
+
+
+REWARD_ENSEMBLE_RULES = ("mean", "worst", "uwo")
+"""How an ensemble's member rewards become one (`reward_model.combine_ensemble_scores`)."""
+
+
+@dataclass
+class RewardEnsembleFields:
+    """How a method that optimises a reward model scores with a reward-model ensemble (Coste et
+    al. 2024); a plain reward-model folder is an ensemble of one, where every rule gives its score.
+    List it first among the bases (`class PPOConfig(RewardEnsembleFields, TrainFields, ...)`) so
+    its check runs before theirs."""
+
+    reward_ensemble: str = "mean"
+    """Rule combining the members' normalised rewards: mean, worst (their minimum) or uwo (mean − uwo_coef · variance)."""
+    uwo_coef: float = 1.0
+    """Weight of the members' variance in the uwo rule (uncertainty-weighted optimisation)."""
+
+    def __post_init__(self):
+        check_reward_ensemble(self.reward_ensemble, self.uwo_coef)
+        super().__post_init__()
+
+
+def check_reward_ensemble(rule: str, uwo_coef: float) -> None:
+    """ConfigError naming the key when the ensemble rule is unknown or uwo_coef is negative."""
+    if rule not in REWARD_ENSEMBLE_RULES:
+        raise ConfigError(f"key 'reward_ensemble' should be one of {', '.join(REWARD_ENSEMBLE_RULES)}, got {rule!r}")
+    if not uwo_coef >= 0:
+        raise ConfigError(f"key 'uwo_coef' should be at least 0 (a penalty on disagreement), got {uwo_coef!r}")
 
 
 def check_model_fields(cfg) -> None:

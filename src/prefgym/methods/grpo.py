@@ -40,7 +40,7 @@ ADVANTAGE_EPS = 1e-4
 
 
 @dataclass
-class GRPOConfig(fields.TrainFields, fields.LoraFields):
+class GRPOConfig(fields.RewardEnsembleFields, fields.TrainFields, fields.LoraFields):
     policy_model: str = ""
     """SFT model folder (or hub name): the starting policy and the frozen reference."""
     reward_model: str = ""

@@ -3,7 +3,8 @@
 Each step samples responses to a batch of prompts from the `unlabeled` split and turns them into
 per-token rewards: a KL penalty -kl_coef·(log π - log π_ref) on every response token, plus the
 reward model's score on the last one. GAE gives advantages, and a few epochs of clipped policy
-and value updates follow. The value model starts from the reward model. Log-probs are always
+and value updates follow. The value model starts from the reward model (member-0 of a
+reward-model ensemble, whose members' rewards `reward_ensemble` combines). Log-probs are always
 computed at the sampling temperature (logits / T), with dropout off, so that the ratio π/π_old is
 exactly 1 on the first minibatch.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +34,12 @@ from prefgym.seeding import rng_for, seed_everything, stable_hash
 
 
 @dataclass
-class PPOConfig(fields.TrainFields, fields.LoraFields):
+class PPOConfig(fields.RewardEnsembleFields, fields.TrainFields, fields.LoraFields):
     policy_model: str = ""
     """SFT model folder (or hub name): the starting policy and the frozen reference."""
     reward_model: str = ""
-    """Reward model folder (from `prefgym reward-model`); also initialises the value model."""
+    """Reward model folder (from `prefgym reward-model`); also initialises the value model (an
+    ensemble's member-0; the ensemble's rewards are combined by reward_ensemble)."""
     prompt_file: str = ""
     """Prompts (instruction, input): the `unlabeled` split."""
     output_dir: str = ""
@@ -102,7 +105,8 @@ class PPOConfig(fields.TrainFields, fields.LoraFields):
     evaluate it over training (win-rate vs steps shows reward over-optimization); not with LoRA."""
     resume: bool = True
     """Continue from the checkpoint in output_dir if there is one."""
-    # use_lora (LoraFields): LoRA adapters on policy and value model; the reference is the policy without them.
+    # use_lora (LoraFields): LoRA adapters on policy and value model; the reference is the policy without them,
+    # and the value model is the reward model's trunk with them (one frozen trunk each for policy and reward).
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +156,31 @@ def response_logps_and_values(model, ids: torch.Tensor, mask: torch.Tensor, P: i
     logits, values = model(ids, mask, logits_to_keep=R + 1)  # logits of positions P-1 .. P+R-1
     logps = common.token_logprobs(logits, ids[:, P - 1:], temperature)[:, 1:]
     return logps, values[:, P - 1:-1], logits
+
+
+def rollout_logps_and_values(model, ids: torch.Tensor, mask: torch.Tensor, P: int, temperature: float,
+                             first: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`response_logps_and_values` of a whole rollout batch, plus per-token entropies, with the
+    forward pass of the rows `first` (the first update's minibatch) kept for that update.
+
+    The first update runs on the weights that made the rollout, so its forward pass would repeat
+    the rollout's for its rows: it is run once, with gradients, and serves both. The other rows
+    run without gradients. Returns logps, values, entropy (B, R, detached) and the kept (logps,
+    values) of rows `first`, attached to the graph.
+    """
+    B, R = ids.shape[0], ids.shape[1] - P
+    rest = torch.ones(B, dtype=torch.bool, device=ids.device)
+    rest[first] = False
+    kept_logps, kept_values, logits = response_logps_and_values(model, ids[first], mask[first], P, temperature)
+    with torch.no_grad():
+        out = [torch.zeros(B, R, device=ids.device) for _ in range(3)]
+        parts = [(first, (kept_logps, kept_values, logits))]
+        if rest.any():
+            parts.append((rest, response_logps_and_values(model, ids[rest], mask[rest], P, temperature)))
+        for rows, (logps, values, logits) in parts:
+            for o, x in zip(out, (logps, values, common.token_entropy(logits.detach(), temperature)[:, 1:])):
+                o[rows] = x.detach().to(o.dtype)
+    return *out, kept_logps, kept_values
 
 
 def advantages_and_returns(score: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor,
@@ -260,31 +289,84 @@ def init_value_head(value_model, how: str, normalization: dict) -> None:
     value_model.score = new
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def adamw(params, cfg: PPOConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `params`, fused where torch has the kernel for `device`.
+
+    The fused kernel does each step in one pass over all parameters (transformers' default optimizer,
+    `adamw_torch_fused`, as TRL runs it); torch's default on a CPU loops over the parameters
+    tensor by tensor, almost 3× slower. Same update, to float rounding.
+    """
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-5,
+                             fused=torch.device(device).type in FUSED_ADAMW_DEVICES)
+
+
 def _load_models(cfg: PPOConfig):
-    from prefgym.methods.reward_model import RewardScorer
+    from prefgym.methods.reward_model import load_reward_scorer
     from prefgym.models.loading import load_policy, load_score_model
 
     tokenizer = common.load_tokenizer(cfg.policy_model)
     policy = load_policy(cfg.policy_model, cfg)
-    scorer = RewardScorer(cfg.reward_model, model_cfg=cfg)
+    scorer = load_reward_scorer(cfg.reward_model, cfg.reward_ensemble, cfg.uwo_coef, model_cfg=cfg)
     if scorer.tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(f"ppo: the reward model {cfg.reward_model} and the policy {cfg.policy_model} use "
                           "different tokenizers; train the reward model from the same SFT model")
     scorer.check_prompt_format(tokenizer, cfg.prompt_format, "ppo")
-    value_model = load_score_model(cfg.reward_model, cfg, num_labels=None)
-    value_model.config.pad_token_id = tokenizer.pad_token_id
-    init_value_head(value_model, cfg.value_init, scorer.normalization)
     reference = None
-    if not cfg.use_lora:  # with LoRA, the reference is the policy with its adapters disabled
+    if cfg.use_lora:  # the reference is the policy with its adapters disabled
+        value_model = _lora_value_model(scorer.members[0], cfg)
+    else:
+        value_model = load_score_model(scorer.members[0].path, cfg, num_labels=None)
+        value_model.config.pad_token_id = tokenizer.pad_token_id
+        init_value_head(value_model, cfg.value_init, scorer.members[0].normalization)
         reference = load_policy(cfg.policy_model, cfg, trainable=False)
         reference.requires_grad_(False)
         reference.eval()
     policy = common.apply_lora(policy, cfg, "CAUSAL_LM")
-    value_model = common.apply_lora(value_model, cfg, "SEQ_CLS")
     for m in (policy, value_model, reference, scorer.model):
         if m is not None and cfg.disable_dropout:
             common.disable_dropout(m)
     return tokenizer, PolicyAndValue(policy, value_model), reference, scorer
+
+
+def _lora_value_model(member, cfg: PPOConfig):
+    """With LoRA, the value model is the reward model's own frozen trunk (`member`, the ensemble's
+    member-0) with adapters and a trainable copy of its score head (peft keeps the head as trained
+    beside it); `_reward_scores` turns both off to score. One trunk serves reward and value model,
+    as one serves policy and reference."""
+    from prefgym.models.loading import enable_gradient_checkpointing
+
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(member.model, lora=True)
+    value_model = common.apply_lora(member.model, cfg, "SEQ_CLS")
+    heads = common.unwrap_peft(value_model).score.modules_to_save  # {adapter name: trainable head}
+    name = value_model.active_adapter
+    value_head = types.SimpleNamespace(score=heads[name])
+    init_value_head(value_head, cfg.value_init, member.normalization)
+    heads[name] = value_head.score
+    return value_model
+
+
+@torch.no_grad()
+def _reward_scores(scorer, lora_value_model, ids, mask) -> torch.Tensor:
+    """The reward model's scores of the rollouts; with a LoRA value model on the reward model's
+    trunk, with its adapters and trained head off, and in eval mode, as the reward model was loaded."""
+    if lora_value_model is None:
+        return scorer.score_tokens(ids, mask)
+    was_training = lora_value_model.training
+    lora_value_model.eval()
+    try:
+        with lora_value_model.disable_adapter():
+            return scorer.score_tokens(ids, mask)
+    finally:
+        lora_value_model.train(was_training)
+
+
+def _minibatch_order(seed: int, step: int, ppo_epoch: int, B: int) -> torch.Tensor:
+    """The order in which epoch `ppo_epoch` of step `step` splits the rollout batch into minibatches."""
+    return torch.from_numpy(rng_for(seed, "ppo-minibatch", step, ppo_epoch).permutation(B))
 
 
 @torch.no_grad()
@@ -326,8 +408,7 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
     scorer.to(accelerator.device)
     if reference is not None:
         reference.to(accelerator.device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay, eps=1e-5)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], cfg, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     n_proc, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     B = cfg.per_device_rollout_batch_size
@@ -370,14 +451,17 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
             ids = torch.cat([query_ids, response_ids], 1)
             mask = torch.cat([query_mask, response_mask], 1)
 
-            # 4. Log-probs (at T) of policy and reference, values, and the reward model's score.
+            # 4. Log-probs (at T) of policy and reference, values, and the reward model's score; the
+            # first update's forward pass (its minibatch of epoch 0) is the rollout's for its rows.
+            mb = B // cfg.num_mini_batches
+            first = _minibatch_order(cfg.seed, step, 0, B)[:mb].to(device)
+            logps, values, token_entropy, kept_logps, kept_values = rollout_logps_and_values(
+                model, ids, mask, P, cfg.temperature, first)
             with torch.no_grad():
-                logps, values, logits = response_logps_and_values(model, ids, mask, P, cfg.temperature)
                 ref_logps = _reference_logps(reference, unwrapped.policy, ids, mask, F.pad(response_mask, (P, 0)),
                                              cfg.temperature)[:, P:]
-                raw_score = scorer.score_tokens(ids, mask)
-                entropy = common.masked_mean(common.token_entropy(logits, cfg.temperature)[:, 1:], response_mask)
-                del logits
+                raw_score = _reward_scores(scorer, unwrapped.value_model if cfg.use_lora else None, ids, mask)
+                entropy = common.masked_mean(token_entropy, response_mask)
 
                 # 5. Responses that never emit EOS get a fixed, low score.
                 score = common.missing_eos_scores(raw_score, has_eos, cfg.missing_eos_penalty)
@@ -390,14 +474,16 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
                 advantages, returns = rollout["advantages"], rollout["returns"]
 
             # 9. PPO epochs over minibatches.
-            mb = B // cfg.num_mini_batches
             update_stats = []
             for ppo_epoch in range(cfg.ppo_epochs):
-                order = torch.from_numpy(rng_for(cfg.seed, "ppo-minibatch", step, ppo_epoch).permutation(B))
+                order = _minibatch_order(cfg.seed, step, ppo_epoch, B)
                 for m in range(cfg.num_mini_batches):
                     i = order[m * mb:(m + 1) * mb].to(device)
                     global_tokens = reduce_sum(response_mask[i].sum().float())
-                    new_logps, vpred, _ = response_logps_and_values(model, ids[i], mask[i], P, cfg.temperature)
+                    if ppo_epoch == m == 0:  # the rollout's forward pass of these rows (step 4)
+                        new_logps, vpred = kept_logps, kept_values
+                    else:
+                        new_logps, vpred, _ = response_logps_and_values(model, ids[i], mask[i], P, cfg.temperature)
                     losses = ppo_losses(new_logps, logps[i], advantages[i], vpred, values[i], returns[i],
                                         response_mask[i], cfg.cliprange, cfg.cliprange_value,
                                         token_count=global_tokens / n_proc)

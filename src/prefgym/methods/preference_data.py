@@ -7,6 +7,9 @@ of AlpacaFarm-format pairs: instruction, input, output_1, output_2, preference, 
 
 Resumable: samples are appended to `samples.jsonl` chunk by chunk (a rerun skips the chunks that
 are there) and annotations go through the annotators' durable cache.
+
+Several processes (`accelerate launch`) share each chunk's generation batches and write the same
+samples as one process; the main process writes the files and annotates the pairs.
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ def run(cfg: PreferenceDataConfig, records: list[dict] | None = None) -> Path:
     """Sample, pair and annotate; returns the path of preferences.json."""
     from prefgym.annotators import annotate_pairs, make_pairs
     from prefgym.models import load_model_and_tokenizer
-    from prefgym.models.generation import SamplingConfig, generate
+    from prefgym.models.generation import (SamplingConfig, generate_sharded, is_main_process, main_process_only,
+                                           process_device, processes)
 
     if not cfg.policy_model or not cfg.output_dir:
         raise ConfigError("preference data: policy_model and output_dir are required")
@@ -74,47 +78,58 @@ def run(cfg: PreferenceDataConfig, records: list[dict] | None = None) -> Path:
     common.check_output_dir(cfg, out / "preference_data_config.json")  # samples made with other settings
     out.mkdir(parents=True, exist_ok=True)
     samples_file = out / "samples.jsonl"
-    if not cfg.resume:
-        samples_file.unlink(missing_ok=True)
     if records is None:
         from prefgym.data import load_records
 
         records = load_records(cfg.prompt_file, split=cfg.split, required=("instruction",))
     records = records[: cfg.max_instructions] if cfg.max_instructions else records
-    common.save_config(cfg, out / "preference_data_config.json")
 
     # 1. Sample num_samples responses per instruction, chunk by chunk (each chunk seeded on its own).
-    done = [json.loads(l) for l in samples_file.read_text().splitlines() if l.strip()] if samples_file.exists() else []
-    if len(done) < len(records) and len(done) % cfg.chunk_size:  # a chunk cut short: redo it whole
-        done = done[: len(done) - len(done) % cfg.chunk_size]
-        write_jsonl(samples_file, done)
+    done = _samples_done(samples_file, len(records), cfg) if cfg.resume else []
+    if is_main_process():
+        common.save_config(cfg, out / "preference_data_config.json")
+        write_jsonl(samples_file, done)  # without a chunk cut short (redone whole)
     model = tokenizer = None
-    with common.make_progress() as progress:
+    with common.make_progress(processes()) as progress:  # a bar on the main process only
         task = progress.add_task("sampling", total=len(records), completed=len(done), info="")
         for start in range(len(done), len(records), cfg.chunk_size):
             if model is None:
-                model, tokenizer = load_model_and_tokenizer(cfg.policy_model, device="auto", padding_side="left",
-                                                            cfg=cfg)
+                model, tokenizer = load_model_and_tokenizer(cfg.policy_model, device=process_device(),
+                                                            padding_side="left", cfg=cfg)
                 fmt = make_prompt_formatter(tokenizer, cfg.prompt_format)
             chunk = records[start:start + cfg.chunk_size]
             sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                                       num_samples=cfg.num_samples, batch_size=cfg.batch_size,
                                       seed=stable_hash(cfg.seed, "preference-data", start) % 2**31)
-            outputs = generate(model, tokenizer, [fmt(r) for r in chunk], sampling)
-            for rec, outs in zip(chunk, outputs):
-                row = {"instruction": rec["instruction"], "input": rec.get("input") or "", "outputs": outs,
-                       "generator": Path(cfg.policy_model).name}
-                append_jsonl(samples_file, row)
-                done.append(row)
+            outputs = generate_sharded(model, tokenizer, [fmt(r) for r in chunk], sampling)[0]
+            rows = [{"instruction": rec["instruction"], "input": rec.get("input") or "", "outputs": outs,
+                     "generator": Path(cfg.policy_model).name} for rec, outs in zip(chunk, outputs)]
+            if is_main_process():
+                for row in rows:
+                    append_jsonl(samples_file, row)
+            done.extend(rows)
             progress.update(task, advance=len(chunk))
 
-    # 2. Pair distinct samples; 3. annotate (cached, so a rerun pays nothing twice).
-    pairs = make_pairs(done, seed=cfg.seed, pairs_per_instruction=cfg.pairs_per_instruction)
-    labelled = annotate_pairs(pairs, cfg.annotators, seed=cfg.seed, cache_dir=out / "annotation_cache")
-    labelled = [r for r in labelled if r.get("preference") is not None]
+    # 2. Pair distinct samples; 3. annotate (cached, so a rerun pays nothing twice), on the main process.
     path = out / "preferences.json"
-    write_json(path, labelled)
+
+    def annotate() -> None:
+        pairs = make_pairs(done, seed=cfg.seed, pairs_per_instruction=cfg.pairs_per_instruction)
+        labelled = annotate_pairs(pairs, cfg.annotators, seed=cfg.seed, cache_dir=out / "annotation_cache")
+        write_json(path, [r for r in labelled if r.get("preference") is not None])
+
+    main_process_only("annotating the pairs", annotate)
     return path
+
+
+def _samples_done(samples_file: Path, n_records: int, cfg: PreferenceDataConfig) -> list[dict]:
+    """The rows of samples.jsonl a rerun keeps: whole chunks only (a chunk cut short is redone)."""
+    if not samples_file.exists():
+        return []
+    done = [json.loads(l) for l in samples_file.read_text().splitlines() if l.strip()]
+    if len(done) < n_records and len(done) % cfg.chunk_size:
+        done = done[: len(done) - len(done) % cfg.chunk_size]
+    return done
 
 
 def add_commands(app: typer.Typer) -> None:

@@ -191,7 +191,7 @@ def train(cfg: QuarkConfig) -> Path:
     from prefgym.io import append_jsonl, read_records, write_json, write_jsonl
     from prefgym.methods import common
     from prefgym.methods.reward_conditioning import add_control_tokens, with_control_token, write_conditioning
-    from prefgym.methods.reward_model import RewardScorer
+    from prefgym.methods.reward_model import load_reward_scorer
     from prefgym.models import load_model_and_tokenizer
     from prefgym.models.generation import SamplingConfig, generate_with_eos
     from prefgym.seeding import rng_for, seed_everything, stable_hash
@@ -219,7 +219,8 @@ def train(cfg: QuarkConfig) -> Path:
     tokens = quark_tokens(cfg.num_quantiles)
 
     # Policy: the SFT model with K reward tokens; reference: the SFT model itself, frozen.
-    policy, tokenizer = load_model_and_tokenizer(cfg.policy_model, device=accelerator.device, cfg=cfg)
+    policy, tokenizer = load_model_and_tokenizer(cfg.policy_model, device=accelerator.device, cfg=cfg,
+                                                 trainable=True)
     fmt = make_prompt_formatter(tokenizer, cfg.prompt_format)
     control_ids = add_control_tokens(policy, tokenizer, tokens)
     if cfg.use_lora:
@@ -235,7 +236,7 @@ def train(cfg: QuarkConfig) -> Path:
     if cfg.disable_dropout:
         common.disable_dropout(policy)
         common.disable_dropout(reference)
-    scorer = RewardScorer(cfg.reward_model, device=accelerator.device, model_cfg=cfg)
+    scorer = load_reward_scorer(cfg.reward_model, device=accelerator.device, model_cfg=cfg)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     policy, optimizer = accelerator.prepare(policy, optimizer)

@@ -12,14 +12,23 @@ TRL's default), so the scores trained on are the ones used later. After training
 normalised so that the SFT policy's own samples (the outputs in the preference data) have mean 0
 and standard deviation 1; the normalisation lives in `reward_normalization.json` next to the
 model and `score` / `RewardScorer` apply it.
+
+Ensembles against over-optimization (Coste et al. 2024): with `ensemble_size` k > 1, k reward
+models are trained into member-0 ... member-(k-1) (member i with seed + i: its own head
+initialisation and data order, the same held-out pairs), then `ensemble.json` is written last.
+`load_reward_scorer` loads a plain folder or an ensemble; `combine_ensemble_scores` turns the
+members' normalised rewards into one by the mean, the worst case or uncertainty weighting.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -34,6 +43,7 @@ from prefgym.methods import common, fields
 from prefgym.seeding import rng_for, seed_everything
 
 NORMALIZATION_FILE = "reward_normalization.json"
+ENSEMBLE_FILE = "ensemble.json"
 
 
 @dataclass
@@ -66,6 +76,10 @@ class RewardModelConfig(fields.TrainFields, fields.LoraFields):
     """Shift and scale rewards so the SFT samples in the preference data have mean 0, std 1."""
     seed: int = 0
     """Seed of the held-out split, the shuffling and the head's initialisation."""
+    split_seed: Optional[int] = None
+    """Seed of the held-out split alone (None: `seed`); an ensemble's members all get the ensemble's seed."""
+    ensemble_size: int = 1
+    """Reward models trained (k > 1: an ensemble in output_dir/member-0 ... member-(k-1), member i with seed + i)."""
     save_steps: int = 200
     """Checkpoint (model, optimizer, RNG, step) every this many optimizer steps."""
     resume: bool = True
@@ -109,8 +123,17 @@ def _pair_scores(model, tokenizer, pairs: list[dict], max_length: int, device, f
     return last[: len(pairs)], last[len(pairs):]
 
 
+def _split(cfg: RewardModelConfig, n_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out indices, training indices) of `n_pairs` pairs, drawn with the split seed."""
+    seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    order = rng_for(seed, "reward-model-split").permutation(n_pairs)
+    n_eval = int(round(cfg.eval_fraction * n_pairs)) if n_pairs > 1 else 0
+    return order[:n_eval], order[n_eval:]
+
+
 def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
-    """Train a reward model; returns its folder (save_pretrained + reward_normalization.json)."""
+    """Train a reward model (or an ensemble, `ensemble_size` > 1); returns its folder
+    (save_pretrained + reward_normalization.json, or the members + ensemble.json)."""
     from accelerate import Accelerator
 
     from prefgym.models.loading import load_score_model
@@ -119,6 +142,10 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
         raise ConfigError("reward model: model_name_or_path and output_dir are required")
     if records is None and not cfg.preference_file:
         raise ConfigError("reward model: preference_file is required")
+    if cfg.ensemble_size < 1:
+        raise ConfigError(f"reward model: key 'ensemble_size' should be at least 1, got {cfg.ensemble_size}")
+    if cfg.ensemble_size > 1:
+        return train_ensemble(cfg, records)
     out = Path(cfg.output_dir)
     common.check_output_dir(cfg, out / "train_config.json")
     if (out / NORMALIZATION_FILE).exists() and cfg.resume:
@@ -131,9 +158,7 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
     if records is None:
         records = common.load_split(cfg.preference_file, ("instruction", "output_1", "output_2", "preference"))
     pairs, targets = _pairs_and_targets(records, cfg.preference_file or None)
-    order = rng_for(cfg.seed, "reward-model-split").permutation(len(pairs))
-    n_eval = int(round(cfg.eval_fraction * len(pairs))) if len(pairs) > 1 else 0
-    eval_idx, train_idx = order[:n_eval], order[n_eval:]
+    eval_idx, train_idx = _split(cfg, len(pairs))
 
     # 2. Model: SFT weights + a fresh scalar head.
     tokenizer = common.load_tokenizer(cfg.model_name_or_path)
@@ -240,6 +265,62 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
     return out
 
 
+def member_config(cfg: RewardModelConfig, i: int) -> RewardModelConfig:
+    """The config of ensemble member i: seed + i (head initialisation and data order), the
+    ensemble's held-out split, its own folder output_dir/member-i."""
+    return dataclasses.replace(cfg, ensemble_size=1, seed=cfg.seed + i,
+                               split_seed=cfg.seed if cfg.split_seed is None else cfg.split_seed,
+                               output_dir=str(Path(cfg.output_dir) / f"member-{i}"))
+
+
+def train_ensemble(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
+    """Train `cfg.ensemble_size` members one after another, then write ensemble.json (last: a
+    folder with it is complete). A finished member (its normalisation file written) is not
+    retrained on a rerun; the held-out accuracy of each member and of the mean ensemble, on the
+    pairs they all held out, goes to eval_results.json and ensemble.json. One process only: each
+    member's run ends Accelerate's process group (`common.end_training`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("reward model: ensemble_size > 1 runs in one process; launch each member on its own "
+                          f"(--set seed=<{cfg.seed}+i> --set split_seed={cfg.seed} --out <output_dir>/member-i), then "
+                          "run this command without a launcher: it keeps the finished members and writes ensemble.json")
+    out = Path(cfg.output_dir)
+    common.check_output_dir(cfg, out / "train_config.json")
+    if cfg.resume and (out / ENSEMBLE_FILE).exists():
+        return out  # already complete
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ENSEMBLE_FILE).unlink(missing_ok=True)
+    common.save_config(cfg, out / "train_config.json")
+    if records is None:
+        records = common.load_split(cfg.preference_file, ("instruction", "output_1", "output_2", "preference"))
+    members = [train(member_config(cfg, i), records) for i in range(cfg.ensemble_size)]
+    eval_metrics = _ensemble_eval(cfg, members, records)
+    write_json(out / "eval_results.json", eval_metrics)
+    write_json(out / ENSEMBLE_FILE, {"members": [m.name for m in members], "size": len(members),
+                                     "seeds": [cfg.seed + i for i in range(len(members))], **eval_metrics})
+    return out
+
+
+def _ensemble_eval(cfg: RewardModelConfig, members: list[Path], records: list[dict]) -> dict:
+    """Held-out accuracy of each member and of the mean of their normalised rewards (ties excluded)."""
+    pairs, targets = _pairs_and_targets(records, cfg.preference_file or None)
+    eval_idx, _ = _split(member_config(cfg, 0), len(pairs))
+    n = len(eval_idx)
+    if n == 0:
+        return {"eval_pairs": 0}
+    eval_pairs, eval_targets = [pairs[i] for i in eval_idx], np.array([targets[i] for i in eval_idx])
+    device = "cuda" if torch.cuda.is_available() else None
+    scorer = EnsembleScorer(cfg.output_dir, [RewardScorer(m, device, cfg.per_device_batch_size, cfg) for m in members])
+    scores = scorer.member_scores([{**p, "output": p["output_1"]} for p in eval_pairs]
+                                  + [{**p, "output": p["output_2"]} for p in eval_pairs])  # (k, 2n)
+
+    def accuracy(s: np.ndarray):
+        correct, decided = accuracy_counts(s[:n], s[n:], eval_targets)
+        return correct / decided if decided else None
+
+    return {"eval_pairs": n, "eval_accuracy": accuracy(combine_ensemble_scores(scores, "mean")),
+            "member_eval_accuracy": [accuracy(s) for s in scores]}
+
+
 @torch.no_grad()
 def _raw_scores_sharded(accelerator, model, tokenizer, pairs: list[dict], cfg, both: bool, fmt=format_record
                         ) -> np.ndarray:
@@ -264,6 +345,26 @@ def _raw_scores_sharded(accelerator, model, tokenizer, pairs: list[dict], cfg, b
     return np.concatenate([s1, np.array([g[2] for g in gathered])]) if both else s1
 
 
+def combine_ensemble_scores(scores, rule: str, uwo_coef: float = 1.0):
+    """One reward per sample from the (k, N) normalised rewards of k members (numpy or torch, kept).
+
+    mean: the members' mean. worst: their minimum (worst-case optimisation, WCO). uwo: the mean
+    minus `uwo_coef` times the members' variance, the population variance (ddof = 0, divided by
+    k) as in Coste et al. 2024's uncertainty-weighted optimisation. With one member every rule
+    gives its score. ConfigError for another rule.
+    """
+    fields.check_reward_ensemble(rule, uwo_coef)
+    if scores.ndim != 2 or scores.shape[0] < 1:
+        raise ValueError(f"ensemble scores should be (members, samples), got shape {tuple(scores.shape)}")
+    if isinstance(scores, torch.Tensor):
+        mean, worst = scores.mean(0), scores.amin(0)
+        variance = scores.var(0, correction=0)
+    else:
+        scores = np.asarray(scores)
+        mean, worst, variance = scores.mean(0), scores.min(0), scores.var(0, ddof=0)
+    return {"mean": mean, "worst": worst, "uwo": mean - uwo_coef * variance}[rule]
+
+
 class RewardScorer:
     """A trained reward model held in memory: normalised rewards for texts or token batches.
 
@@ -277,6 +378,8 @@ class RewardScorer:
         from prefgym.models.loading import load_score_model
 
         self.path = Path(rm_path)
+        if (self.path / ENSEMBLE_FILE).exists():
+            raise ConfigError(f"{self.path} is a reward-model ensemble; load it with load_reward_scorer")
         norm_file = self.path / NORMALIZATION_FILE
         self.normalization = json.loads(norm_file.read_text()) if norm_file.exists() else {"mean": 0.0, "std": 1.0}
         self.max_length = int(self.normalization.get("max_length", 512))
@@ -304,6 +407,11 @@ class RewardScorer:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def members(self) -> list["RewardScorer"]:
+        """A single reward model is an ensemble of one (PPO initialises its value model from members[0])."""
+        return [self]
 
     def to(self, device) -> "RewardScorer":
         self.model.to(device)
@@ -335,10 +443,91 @@ class RewardScorer:
         return self.score_texts([self.format(r) for r in records],
                                 [r["output"] or "" for r in records])
 
+    def member_scores(self, records: list[dict]) -> np.ndarray:
+        """(1, N): `score` as the rewards of an ensemble of one."""
+        return self.score(records)[None]
 
-def score(rm_path: str | Path, records: list[dict], batch_size: int = 16) -> np.ndarray:
-    """Normalised reward per record (instruction, input, output) under the reward model at rm_path."""
-    return RewardScorer(rm_path, batch_size=batch_size).score(records)
+
+class EnsembleScorer:
+    """Reward-model ensemble members held in memory, scoring like one `RewardScorer`: each
+    member's normalised rewards combined by `rule` (`combine_ensemble_scores`). The members share
+    tokenizer, prompt format and max_length (checked), so one tokenisation serves them all."""
+
+    def __init__(self, path: str | Path, members: list[RewardScorer], rule: str = "mean", uwo_coef: float = 1.0):
+        fields.check_reward_ensemble(rule, uwo_coef)
+        self.path, self.members, self.rule, self.uwo_coef = Path(path), members, rule, uwo_coef
+        first = members[0]
+        self.tokenizer, self.format, self.max_length, self.batch_size = (first.tokenizer, first.format,
+                                                                         first.max_length, first.batch_size)
+        self.model = torch.nn.ModuleList([m.model for m in members])  # .to / dropout reach every member
+        for m in members[1:]:
+            first.check_prompt_format(m.tokenizer, m.normalization.get("prompt_format", "auto"),
+                                      f"reward-model ensemble member {m.path}")
+            if m.tokenizer.get_vocab() != first.tokenizer.get_vocab() or m.max_length != first.max_length:
+                raise ConfigError(f"reward-model ensemble {self.path}: member {m.path} has another tokenizer or "
+                                  f"max_length than {first.path}; train every member from the same SFT model and settings")
+
+    def check_prompt_format(self, tokenizer, prompt_format: str, who: str) -> None:
+        """As `RewardScorer.check_prompt_format` (the members share their prompt format)."""
+        self.members[0].check_prompt_format(tokenizer, prompt_format, who)
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+    def to(self, device) -> "EnsembleScorer":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def score_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) combined normalised rewards of a token batch."""
+        scores = torch.stack([m.score_tokens(input_ids, attention_mask) for m in self.members])  # (k, B)
+        return combine_ensemble_scores(scores, self.rule, self.uwo_coef)
+
+    def score_texts(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        """Combined normalised rewards of (prompt, response) pairs."""
+        scores = np.stack([m.score_texts(prompts, responses) for m in self.members])
+        return combine_ensemble_scores(scores, self.rule, self.uwo_coef)
+
+    def member_scores(self, records: list[dict]) -> np.ndarray:
+        """(k, N): each member's normalised rewards of records with instruction, input and output."""
+        return np.stack([m.score(records) for m in self.members])
+
+    def score(self, records: list[dict]) -> np.ndarray:
+        """Combined normalised rewards of records with instruction, input and output."""
+        return combine_ensemble_scores(self.member_scores(records), self.rule, self.uwo_coef)
+
+
+def load_reward_scorer(path: str | Path, rule: str = "mean", uwo_coef: float = 1.0,
+                       device: str | torch.device | None = None, batch_size: int = 16, model_cfg=None
+                       ) -> RewardScorer | EnsembleScorer:
+    """The scorer of a reward-model folder: a `RewardScorer`, or for a folder with ensemble.json an
+    `EnsembleScorer` of its members combined by `rule` (mean, worst, uwo). ConfigError for an
+    unknown rule, an unfinished ensemble or a member folder that is missing."""
+    fields.check_reward_ensemble(rule, uwo_coef)
+    path = Path(path)
+    if not (path / ENSEMBLE_FILE).exists():
+        if (path / "member-0").is_dir():
+            raise ConfigError(f"{path} holds an unfinished reward-model ensemble (no {ENSEMBLE_FILE}); rerun "
+                              "`prefgym reward-model` with the same settings to finish it")
+        return RewardScorer(path, device, batch_size, model_cfg)
+    names = json.loads((path / ENSEMBLE_FILE).read_text()).get("members")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{path / ENSEMBLE_FILE}: field 'members' should be a non-empty list of folder names")
+    for name in names:
+        if not (path / name / "config.json").exists():
+            raise ConfigError(f"{path / ENSEMBLE_FILE} lists member {name!r} but {path / name} holds no reward model; "
+                              f"delete {ENSEMBLE_FILE} and rerun `prefgym reward-model` with the same settings "
+                              "(finished members are kept)")
+    return EnsembleScorer(path, [RewardScorer(path / n, device, batch_size, model_cfg) for n in names], rule, uwo_coef)
+
+
+def score(rm_path: str | Path, records: list[dict], batch_size: int = 16, rule: str = "mean",
+          uwo_coef: float = 1.0) -> np.ndarray:
+    """Normalised reward per record (instruction, input, output) under the reward model (or
+    ensemble, combined by `rule`) at rm_path."""
+    return load_reward_scorer(rm_path, rule, uwo_coef, batch_size=batch_size).score(records)
 
 
 def add_commands(app: typer.Typer) -> None:
@@ -358,7 +547,8 @@ def add_commands(app: typer.Typer) -> None:
         Reads: --model (SFT model folder), --preferences (annotated pairs).
         Writes to --out: the reward model (save_pretrained), eval_results.json (held-out
         accuracy), metrics.jsonl, train_config.json, and checkpoint/ while training (rerun the
-        same command to resume).
+        same command to resume). With --set ensemble_size=K: K such folders member-0 ...
+        member-(K-1), then ensemble.json (members, their and the mean ensemble's accuracy).
         """
         overrides = common.set_then_flags(set_, {"model_name_or_path": model,
                      "preference_file": preferences, "output_dir": output_dir, "resume": resume})

@@ -42,7 +42,7 @@ from prefgym.seeding import rng_for, seed_everything, stable_hash
 
 
 @dataclass
-class RLOOConfig(fields.TrainFields, fields.LoraFields):
+class RLOOConfig(fields.RewardEnsembleFields, fields.TrainFields, fields.LoraFields):
     policy_model: str = ""
     """SFT model folder (or hub name): the starting policy and the frozen reference."""
     reward_model: str = ""
@@ -194,10 +194,11 @@ def load_policy_and_reference(cfg, with_reference: bool):
 
 
 def reward_model_scorer(cfg, tokenizer) -> Callable[[GroupRollout, list[dict]], torch.Tensor]:
-    """Scores (N·k,) of a rollout by the reward model at cfg.reward_model (same tokenizer as the policy)."""
-    from prefgym.methods.reward_model import RewardScorer
+    """Scores (N·k,) of a rollout by the reward model (or ensemble, combined by cfg.reward_ensemble)
+    at cfg.reward_model (same tokenizer as the policy)."""
+    from prefgym.methods.reward_model import load_reward_scorer
 
-    scorer = RewardScorer(cfg.reward_model, model_cfg=cfg)
+    scorer = load_reward_scorer(cfg.reward_model, cfg.reward_ensemble, cfg.uwo_coef, model_cfg=cfg)
     if scorer.tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(f"the reward model {cfg.reward_model} and the policy {cfg.policy_model} use different "
                           "tokenizers; train the reward model from the same SFT model")

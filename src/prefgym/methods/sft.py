@@ -115,7 +115,7 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
     accelerator = _accelerator(cfg.mixed_precision, **fields.accelerator_kwargs(cfg, out))
     fields.start_tracking(accelerator, cfg, "sft")
     seed_everything(cfg.seed)
-    model, tokenizer = load_model_and_tokenizer(model_path, cfg=cfg)
+    model, tokenizer = load_model_and_tokenizer(model_path, cfg=cfg, trainable=True)
     from prefgym.methods.common import apply_lora
 
     model = apply_lora(model, cfg, task_type="CAUSAL_LM")

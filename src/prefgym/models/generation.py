@@ -13,12 +13,12 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
 from prefgym.data.prompts import make_prompt_formatter
-from prefgym.errors import ConfigError
+from prefgym.errors import ConfigError, PrefgymError
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,132 @@ def generate_with_eos(model, tokenizer, prompts: list[str], cfg: SamplingConfig,
     return outputs, finished
 
 
+# ---------------------------------------------------------------------------------------------
+# Several processes (`accelerate launch --num_processes N`): each generates its share of the
+# batches and every process ends with all of them. A batch is generated exactly as on one process
+# (same prompts, same padding, seeded by its position), so N processes write what one writes.
+
+
+def processes():
+    """Accelerate's process state, set up as training sets it up (CPU data-parallel over gloo
+    when several processes run without a GPU)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available() and world_size() > 1)
+
+
+def world_size() -> int:
+    """How many processes run this command (torchrun / `accelerate launch` set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the files (rank 0; the only one without a launcher)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def process_device() -> str | torch.device:
+    """Where this process runs its models: "auto" alone, its own device among several."""
+    return processes().device if world_size() > 1 else "auto"
+
+
+def wait_for_everyone() -> None:
+    """A barrier among the processes (nothing with one process)."""
+    if world_size() > 1:
+        processes().wait_for_everyone()
+
+
+def map_sharded(work: Callable[[Any], Any], blocks: Sequence, on_round: Callable[[list], None] | None = None,
+                progress: bool = False, description: str = "generating") -> list:
+    """`[work(b) for b in blocks]`, with the blocks shared among the processes; every process
+    gets the whole list, in the order of `blocks`.
+
+    Round r: process p works on `blocks[r * N + p]` (the last round may leave some idle); then
+    the round's results are gathered (`accelerate.utils.gather_object`, in rank order, which is
+    block order) and `on_round([(block, result), ...])` runs on the main process (to append them
+    to a partial file). If `work` fails on any process, every process raises after that round
+    (the failed one its own error, the others a PrefgymError naming it) instead of hanging.
+    """
+    n, rank = world_size(), int(os.environ.get("RANK", "0"))
+    results: list = []
+    for first in track_progress(range(0, len(blocks), n), progress and rank == 0, description):
+        mine = list(blocks[first + rank:first + rank + 1])  # this process's block of the round, or none
+        done = [work(b) for b in mine] if n == 1 else _work_and_gather(work, mine, description)
+        if on_round is not None and rank == 0:
+            on_round(list(zip(blocks[first:first + n], done)))
+        results.extend(done)
+    return results
+
+
+def _work_and_gather(work: Callable[[Any], Any], mine: list, description: str) -> list:
+    """`work` on this process's blocks, then every process's results, concatenated in rank order;
+    raises on every process when `work` failed on any."""
+    from accelerate.utils import gather_object
+
+    error, outcomes = None, []
+    for block in mine:
+        try:
+            outcomes.append((True, work(block)))
+        except Exception as e:  # noqa: BLE001 (re-raised below, once the others know)
+            error = e
+            outcomes.append((False, f"{type(e).__name__}: {e}"))
+    processes()  # gather_object reads Accelerate's process state: make sure it is set up
+    outcomes = gather_object(outcomes)
+    failed = [message for ok, message in outcomes if not ok]
+    if failed:
+        _leave_process_group()
+    if error is not None:
+        raise error
+    if failed:
+        raise PrefgymError(f"{description}: another process failed ({failed[0]})")
+    return [result for _, result in outcomes]
+
+
+def _leave_process_group() -> None:
+    """Before raising on every process: destroy the process group, as `common.end_training` does
+    (gloo left to interpreter shutdown can hang there)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def main_process_only(what: str, work: Callable[[], Any]) -> None:
+    """Run `work` on the main process only; the others wait for its outcome (a broadcast).
+
+    If `work` fails on the main process, it re-raises there and every other process raises a
+    PrefgymError naming `what`, instead of waiting forever.
+    """
+    if world_size() == 1:
+        work()
+        return
+    from accelerate.utils import broadcast_object_list
+
+    processes()  # the broadcast reads Accelerate's process state: make sure it is set up
+    error = None
+    if is_main_process():
+        try:
+            work()
+        except BaseException as e:  # noqa: BLE001 (re-raised below, once the others know)
+            error = e
+    outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+    broadcast_object_list(outcome, from_process=0)
+    if outcome[0] is not None:
+        _leave_process_group()
+    if error is not None:
+        raise error
+    if outcome[0] is not None:
+        raise PrefgymError(f"the main process failed during {what} ({outcome[0]})")
+
+
+def generate_sharded(model, tokenizer, prompts: list[str], cfg: SamplingConfig, first_index: int = 0
+                     ) -> tuple[list[list[str]], list[list[bool]]]:
+    """`generate_with_eos`, its batches shared among the processes (the same result on every process,
+    and the same as one process gets)."""
+    starts = range(0, len(prompts), cfg.batch_size)
+    parts = map_sharded(lambda s: generate_with_eos(model, tokenizer, prompts[s:s + cfg.batch_size], cfg,
+                                                    first_index=first_index + s), starts)
+    return [o for texts, _ in parts for o in texts], [f for _, ended in parts for f in ended]
+
+
 def generate_outputs(model_path: str | os.PathLike, records: list[dict], cfg: SamplingConfig,
                      generator: str | None = None, progress: bool = False,
                      partial_file: str | os.PathLike | None = None, prompt_format: str = "auto") -> list[dict]:
@@ -183,6 +309,8 @@ def generate_outputs(model_path: str | os.PathLike, records: list[dict], cfg: Sa
     model folder's name by default); with `cfg.num_samples > 1`, `output` is the first sample
     and `outputs` the list of all. With `partial_file`, each finished batch is appended there
     and a rerun with the same model, records and settings generates only what is missing.
+    Under several processes they share the batches (`map_sharded`; the main process writes the
+    partial file) and each returns all the records, the same as one process returns.
     """
     import dataclasses
 
@@ -199,15 +327,22 @@ def generate_outputs(model_path: str | os.PathLike, records: list[dict], cfg: Sa
     todo = [start for start in range(0, len(records), cfg.batch_size)
             if any(s is None for s in samples[start:start + cfg.batch_size])]
     if todo:
-        model, tokenizer = load_model_and_tokenizer(model_path, device="auto", padding_side="left")
+        model, tokenizer = load_model_and_tokenizer(model_path, device=process_device(), padding_side="left")
         fmt = make_prompt_formatter(tokenizer, prompt_format)
-        for start in track_progress(todo, progress, "generating"):
-            chunk = records[start:start + cfg.batch_size]
-            outs = generate(model, tokenizer, [fmt(r) for r in chunk], cfg, first_index=start)
-            samples[start:start + len(chunk)] = outs
-            if partial_file is not None:
-                for k, o in zip(keys[start:start + len(chunk)], outs):
+
+        def batch(start: int) -> list[list[str]]:
+            return generate(model, tokenizer, [fmt(r) for r in records[start:start + cfg.batch_size]], cfg,
+                            first_index=start)
+
+        def keep(finished: list) -> None:  # main process: append each finished batch to the partial file
+            for start, outs in finished:
+                for k, o in zip(keys[start:start + len(outs)], outs):
                     append_jsonl(partial_file, {"key": k, "outputs": o})
+
+        # The batches are shared among the processes (one process: all of them, in order).
+        outputs = map_sharded(batch, todo, on_round=keep if partial_file is not None else None, progress=progress)
+        for start, outs in zip(todo, outputs):
+            samples[start:start + len(outs)] = outs
     return output_records(records, samples, generator, cfg.num_samples)
 
 

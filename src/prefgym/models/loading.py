@@ -50,8 +50,9 @@ def model_kwargs(cfg) -> dict:
 
 
 def load_policy(path: str | os.PathLike, cfg, trainable: bool = True):
-    """A causal LM from `path` in cfg.dtype with cfg.attn_implementation; gradient checkpointing
-    when `trainable` and cfg.gradient_checkpointing. Stays on the CPU (Accelerate places it)."""
+    """A causal LM from `path` in cfg.dtype with cfg.attn_implementation. When `trainable`: in train
+    mode (from_pretrained gives eval mode, where transformers skips gradient checkpointing) with
+    gradient checkpointing when cfg.gradient_checkpointing. Stays on the CPU (Accelerate places it)."""
     from transformers import AutoModelForCausalLM
 
     return _load(AutoModelForCausalLM, path, cfg, trainable)
@@ -74,8 +75,10 @@ def _load(auto_class, path, cfg, trainable: bool, **extra):
     except (OSError, ValueError, ImportError) as e:  # a missing folder, an unknown attn_implementation, no flash-attn
         raise ConfigError(f"could not load {path} (dtype={getattr(cfg, 'dtype', None)}, "
                           f"attn_implementation={getattr(cfg, 'attn_implementation', None)}): {str(e)[:300]}") from None
-    if trainable and getattr(cfg, "gradient_checkpointing", False):
-        enable_gradient_checkpointing(model, lora=getattr(cfg, "use_lora", False))
+    if trainable:  # from_pretrained returns eval mode, where checkpointing (and dropout, if kept) never run
+        model.train()
+        if getattr(cfg, "gradient_checkpointing", False):
+            enable_gradient_checkpointing(model, lora=getattr(cfg, "use_lora", False))
     return model
 
 
@@ -83,7 +86,10 @@ def enable_gradient_checkpointing(model, lora: bool = False) -> None:
     """Non-reentrant activation checkpointing (TRL's default); with LoRA the embeddings' outputs
     require grad so that gradients reach adapters behind frozen layers. The KV cache is off while
     training (transformers turns it off under checkpointing anyway)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         model.enable_input_require_grads()
 
@@ -104,15 +110,16 @@ def load_tokenizer(path: str | os.PathLike, padding_side: str = "right"):
 
 def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
                              device: str | torch.device | None = None, padding_side: str = "right",
-                             cfg=None, **model_kwargs):
+                             cfg=None, trainable: bool = False, **model_kwargs):
     """Load a causal LM and its tokenizer from a folder (save_pretrained format) or Hub name.
 
     The tokenizer gets a pad token (EOS) when it has none, and `padding_side` ("right" for
     training, "left" for batched generation); the model's config learns the pad token id.
     `dtype` is a torch dtype or a name ("float32", "bfloat16", "auto"); default float32.
     `device` defaults to "cpu" (pass "cuda" or "auto" to use a GPU when one is there).
-    With `cfg` (a config with ModelFields), the model loads as `load_policy(path, cfg)` says
-    (dtype, attn_implementation, gradient checkpointing) and `dtype` is not used.
+    With `cfg` (a config with ModelFields), the model loads as `load_policy(path, cfg, trainable)`
+    says (dtype, attn_implementation; train mode and gradient checkpointing when `trainable`) and
+    `dtype` is not used. Otherwise the model is in eval mode, as for generation.
     """
     from transformers import AutoModelForCausalLM
 
@@ -120,7 +127,7 @@ def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype |
         raise ConfigError(f"model folder not found: {path}")
     tokenizer = load_tokenizer(path, padding_side=padding_side)
     if cfg is not None:
-        model = load_policy(path, cfg)
+        model = load_policy(path, cfg, trainable=trainable)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype) or torch.float32,
