@@ -190,6 +190,6 @@ def test_report_html_has_the_labels_column_when_rows_have_labels():
              "labels": 400, "label_price": 2.104},
             {"generator": "reference", "win_rate": 50.0, "standard_error": 0.0, "avg_length": 9, "n_total": 2}]
     html = render_html(rows, facts, [], {})
-    assert "labels (price)" in html and "<td>400 ($2.10)</td>" in html
+    assert "labels (price, annotator time)" in html and "<td>400 ($2.10)</td>" in html
     plain = render_html([{k: v for k, v in r.items() if not k.startswith("label")} for r in rows], facts, [], {})
-    assert "labels (price)" not in plain
+    assert "labels (price" not in plain

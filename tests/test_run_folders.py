@@ -116,6 +116,39 @@ def test_adding_and_removing_what_a_stage_reads_reruns_it_without_an_error(tmp_p
     assert calls == ["evaluate"]
 
 
+def test_a_field_added_to_a_config_at_its_default_is_not_a_change(tmp_path):
+    """Run folders survive a prefgym update that adds config fields: a field the record lacks is
+    no change while it keeps its default (the stage and those after it are skipped, records
+    brought up to date); set to another value it is a change like any other."""
+    from prefgym.pipeline import StageSettings
+
+    calls = []
+    run_stages(_stages(calls), tmp_path)
+    calls.clear()
+
+    def updated(ensemble_size):
+        stages = _stages(calls)
+        stages[1] = dataclasses.replace(stages[1], settings=StageSettings(
+            {**stages[1].settings, "ensemble_size": ensemble_size}, {"ensemble_size": 1, "lr": 0.5}))
+        return stages
+
+    plan, _ = plan_stages(updated(1), tmp_path)
+    assert plan == {"a": "skip", "b": "upgrade", "c": "upgrade", "evaluate": "upgrade"}
+    run_stages(updated(1), tmp_path)
+    assert calls == []
+    assert plan_stages(updated(1), tmp_path)[0] == {s: "skip" for s in "a b c evaluate".split()}  # records updated
+    with pytest.raises(ConfigError, match=r"stage b was made with other settings \(ensemble_size: 1 -> 3\)"):
+        plan_stages(updated(3), tmp_path)  # the record now has the field: 3 is a change
+    fresh = tmp_path / "fresh"
+    run_stages(_stages(calls), fresh)
+    with pytest.raises(ConfigError, match=r"ensemble_size: \(absent\) -> 3"):
+        plan_stages(updated(3), fresh)  # a new field away from its default is a change
+    stages = updated(1)
+    stages[0] = dataclasses.replace(stages[0], settings={"seed": 1})
+    with pytest.raises(ConfigError, match=r"stage a was made with other settings \(seed: 0 -> 1\)"):
+        plan_stages(stages, fresh)
+
+
 def test_a_marker_without_settings_is_not_trusted(tmp_path):
     (tmp_path / ".done").mkdir()
     (tmp_path / ".done" / "a").write_text("12.5\n")  # as written before fingerprints

@@ -40,6 +40,9 @@ class RunConfig:
     """Size of the run on the built-in world: 'quick' (CI) or 'default' (≈10 minutes on 2 cores)."""
     seed: int = 0
     """Seed of the world and of every stage."""
+    seeds: list[int] | None = None
+    """Several seeds instead of `seed`: one complete run folder each (OUT/seed-<s>/); with `validate`, the
+    rank correlations of every seed and their mean with a bootstrap interval (OUT/validation_seeds.*)."""
     world_dir: str | None = None
     """Use an already built world folder instead of building one into the run folder."""
     base_model: str | None = None
@@ -79,7 +82,12 @@ def load_run_config(path: str | Path | None, **overrides) -> RunConfig:
 
     cfg = load_config(RunConfig, path, overrides, where="run config")
     where = str(path) if path is not None else "run config"
-    cfg.out_dir = cfg.out_dir or f"prefgym-runs/{cfg.scale}"
+    if cfg.seeds is not None:
+        check_seeds(cfg.seeds, f"{where}: seeds")
+        in_file = path is not None and "seed" in (yaml.safe_load(Path(path).read_text()) or {})
+        if overrides.get("seed") is not None or in_file:
+            raise ConfigError(f"{where}: give either seed or seeds, not both")
+    cfg.out_dir = cfg.out_dir or f"prefgym-runs/{cfg.scale}{'-seeds' if cfg.seeds else ''}"
     cfg.methods = expand_methods(cfg.methods, where)
     if cfg.scale not in ("tiny", "quick", "default"):
         raise ConfigError(f"{where}: unknown scale '{cfg.scale}'; choose quick or default")
@@ -94,6 +102,30 @@ def load_run_config(path: str | Path | None, **overrides) -> RunConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: stages.{stage} should be a mapping of config keys to values, got {values!r}")
     return cfg
+
+
+def parse_seeds(text: str, where: str = "--seeds") -> list[int]:
+    """'0,1,2' -> [0, 1, 2]; ConfigError naming the bad entry (not a whole number, negative, repeated)."""
+    seeds = []
+    for item in text.split(","):
+        if not item.strip().isdecimal():
+            raise ConfigError(f"{where}: '{item.strip()}' in '{text}' is not a seed (a whole number >= 0); "
+                              "write them comma-separated, e.g. 0,1,2")
+        seeds.append(int(item))
+    return check_seeds(seeds, where)
+
+
+def check_seeds(seeds: list, where: str) -> list[int]:
+    """Seeds as given: at least one, each a whole number >= 0, none repeated (its folder would be shared)."""
+    if not seeds:
+        raise ConfigError(f"{where}: no seeds given")
+    for s in seeds:
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+            raise ConfigError(f"{where}: {s!r} is not a seed (a whole number >= 0)")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ConfigError(f"{where}: seed {', '.join(map(str, repeated))} given more than once")
+    return seeds
 
 
 def expand_methods(names: list[str], where: str = "run config") -> list[str]:
@@ -138,7 +170,12 @@ def run_stages(stages: list[Stage], out_dir: Path, console=None, overwrite: bool
     remaining = sum(s.weight for s in stages)
     ran_weight, ran_seconds = 0.0, 0.0  # stages run in this invocation, for the time-left estimate
     for i, stage in enumerate(stages):
-        if plan[stage.name] == "skip":
+        if plan[stage.name] == "upgrade":  # done: only fields added since, at their defaults, are new
+            record = _read_record(out_dir, stage.name) or {}
+            write_json(_record_path(out_dir, stage.name), {**record, "fingerprint": fingerprints[stage.name],
+                                                           "settings": _as_json(stage.settings),
+                                                           "after": {n: fingerprints[n] for n in stage.after}})
+        if plan[stage.name] in ("skip", "upgrade"):
             console.print(f"[dim]stage {i + 1}/{len(stages)} {stage.name}: done already, skipped[/dim]")
             remaining -= stage.weight
             continue
@@ -169,27 +206,66 @@ def plan_stages(stages: list[Stage], out_dir: Path, overwrite: bool = False) -> 
 
     A stage's fingerprint is a hash of its settings and of the fingerprints of the stages it
     depends on; `.done/<stage>` records it when the stage ends. Actions: "run" (never done, or
-    `always`), "skip" (done with this fingerprint), "redo" (done, but what it depends on changed:
+    `always`), "skip" (done with this fingerprint), "upgrade" (done, and the only differences are
+    config fields added to prefgym since, at their defaults: skipped, its record brought up to
+    date), "redo" (done, but what it depends on changed:
     a method added to the evaluation, a stage run again; or its own settings changed and
     `overwrite`). A stage done with other settings raises ConfigError naming the stage and
     the differing settings.
     """
     plan: dict[str, str] = {}
     fingerprints: dict[str, str] = {}
+    now_known_as: dict[str, str] = {}  # a record's fingerprint -> the stage's fingerprint now ("upgrade")
     for stage in stages:
         settings = _as_json(stage.settings)
-        fingerprints[stage.name] = stable_fingerprint(
-            {"settings": settings, "after": {name: fingerprints[name] for name in stage.after}})
+        after = {name: fingerprints[name] for name in stage.after}
+        fingerprints[stage.name] = stable_fingerprint({"settings": settings, "after": after})
         record = _read_record(out_dir, stage.name)
         if record is None or stage.always:
             plan[stage.name] = "run"
-        elif stage.settings is None or record.get("fingerprint") == fingerprints[stage.name]:
+            continue
+        if stage.settings is None or record.get("fingerprint") == fingerprints[stage.name]:
             plan[stage.name] = "skip"
-        elif record.get("settings") == settings or overwrite:
+            continue
+        old = with_new_fields(record.get("settings"), settings, getattr(stage.settings, "defaults", {}))
+        old_after = {name: now_known_as.get(fp, fp) for name, fp in (record.get("after") or {}).items()}
+        if old == settings and old_after == after and "fingerprint" in record:
+            plan[stage.name] = "upgrade"
+            now_known_as[record["fingerprint"]] = fingerprints[stage.name]
+        elif old == settings or overwrite:
             plan[stage.name] = "redo"
         else:
-            raise ConfigError(_changed_settings_message(out_dir, stage.name, record.get("settings"), settings))
+            raise ConfigError(_changed_settings_message(out_dir, stage.name, old, settings))
     return plan, fingerprints
+
+
+class StageSettings(dict):
+    """A stage's settings (what its fingerprint hashes) that also know the defaults of the config
+    they come from: a field added to a config after a stage ran is not a change while it keeps
+    its default (`with_new_fields`), so a prefgym update does not stop old run folders."""
+
+    def __init__(self, values: dict[str, Any], defaults: dict[str, Any] | None = None):
+        super().__init__(values)
+        self.defaults = defaults or {}
+
+
+def with_new_fields(recorded: Any, settings: dict[str, Any], defaults: dict[str, Any]) -> Any:
+    """A record's settings plus each key it lacks that the stage's settings now have at its default."""
+    if not isinstance(recorded, dict) or not isinstance(settings, dict):
+        return recorded
+    return {**recorded, **{k: v for k, v in settings.items()
+                           if k not in recorded and k in defaults and _as_json(defaults[k]) == v}}
+
+
+def config_defaults(config) -> dict[str, Any]:
+    """Field name -> default value of a dataclass config (fields without one are left out)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
 
 
 def stable_fingerprint(values: Any) -> str:
@@ -324,8 +400,9 @@ class Pipeline:
 
         values = config if isinstance(config, dict) else dataclasses.asdict(config)
         inside = str(self.out) + "/"
-        return {k: f"<run>/{v[len(inside):]}" if isinstance(v, str) and v.startswith(inside) else v
-                for k, v in values.items() if k not in RESULT_NEUTRAL_KEYS}
+        return StageSettings({k: f"<run>/{v[len(inside):]}" if isinstance(v, str) and v.startswith(inside) else v
+                              for k, v in values.items() if k not in RESULT_NEUTRAL_KEYS},
+                             {} if isinstance(config, dict) else config_defaults(config))
 
     def split(self, name: str) -> str:
         """Path (or dataset name) of a data split."""
@@ -482,13 +559,14 @@ class Pipeline:
             write_json(key_file, key)
         return read_records(path)
 
-    def evaluate(self, tag: str, annotators: dict[str, str]) -> None:
-        """Judge every generator against the reference with each annotator set; write rows."""
+    def evaluate(self, tag: str, annotators: dict[str, str], generators: tuple[str, ...] | None = None) -> None:
+        """Judge every generator (default: the reference, SFT and the run's methods) against the
+        reference with each annotator set; write rows to `<tag>/eval/results.json`."""
         from prefgym.evaluation import evaluate_outputs, gold_win_rate
 
         eval_records = self.records("eval")
         rows = []
-        for generator in ("reference", "sft", *self.methods):
+        for generator in generators or ("reference", "sft", *self.methods):
             outputs = self.outputs(generator, self.result(generator, tag)[1], tag, eval_records)
             row: dict[str, Any] = {"generator": generator, "trained_on": tag}
             for label, pool in annotators.items():
@@ -676,6 +754,39 @@ def run(cfg: RunConfig, overwrite: bool = False) -> Path:
     from prefgym.progress import stderr_console
 
     stderr_console().print("method times: " + group_times(cfg.methods, timings))
+    return out
+
+
+def seed_configs(cfg: RunConfig) -> dict[int, RunConfig]:
+    """One run config per seed of `cfg.seeds`, each with its own folder OUT/seed-<s>."""
+    return {s: dataclasses.replace(cfg, seed=s, seeds=None, out_dir=str(Path(cfg.out_dir) / f"seed-{s}"))
+            for s in cfg.seeds}
+
+
+def run_seeds(cfg: RunConfig, overwrite: bool = False) -> Path:
+    """`run` once per seed into OUT/seed-<s>/ (each resumable as a single run), then, with `validate`,
+    the rank correlations across seeds (`prefgym.evaluation.validation`); returns OUT.
+
+    Every seed's stages are planned (and so checked) before the first seed runs.
+    """
+    from prefgym.evaluation.validation import write_seed_validation
+    from prefgym.progress import stderr_console
+
+    configs = seed_configs(cfg)
+    for c in configs.values():
+        plan_stages(Pipeline(c).stages(), Path(c.out_dir), overwrite)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "run_config.json", dataclasses.asdict(cfg))
+    timings = {}
+    for s, c in configs.items():
+        stderr_console().rule(f"[bold]seed {s} ({len(timings) + 1}/{len(configs)}): {c.out_dir}[/bold]")
+        t0 = time.time()
+        run(c, overwrite=overwrite)
+        timings[f"seed-{s}"] = round(time.time() - t0, 2)
+        write_json(out / "timings.json", timings)
+    if cfg.validate and cfg.human_annotators:
+        write_seed_validation(out, {s: c.out_dir for s, c in configs.items()})
     return out
 
 

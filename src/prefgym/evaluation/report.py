@@ -136,12 +136,21 @@ def _lc_cell(row: dict) -> str:
     return "" if lc is None or lc != lc else f"{lc:.1f}"  # absent or NaN
 
 
+def duration_text(seconds: float) -> str:
+    """'45 s', '15 min' or '2.3 h': an annotator time at a glance."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def _labels_cell(row: dict) -> str:
-    """'400' or '400 ($2.10)': the labels a method used, with their simulated price when there is one."""
+    """'400', '400 ($2.10)' or '400 ($2.10, 15 min)': the labels a method used, with their simulated
+    price and annotator time when there are any."""
     if row.get("labels") is None:
         return ""
-    price = row.get("label_price")
-    return f"{row['labels']}" + (f" (${price:.2f})" if price else "")
+    cost = [f"${row['label_price']:.2f}"] if row.get("label_price") else []
+    cost += [duration_text(row["label_seconds"])] if row.get("label_seconds") else []
+    return f"{row['labels']}" + (f" ({', '.join(cost)})" if cost else "")
 
 
 def markdown_leaderboard(rows: Sequence[dict], facts: Mapping, notes: Sequence[str]) -> str:
@@ -155,7 +164,7 @@ def markdown_leaderboard(rows: Sequence[dict], facts: Mapping, notes: Sequence[s
              f"scale {facts['scale']}, seed {facts['seed']}.", "",
              *(f"- {c}: {facts['columns'][c]}" for c in columns),
              *(["- labels: preference labels the method's training used (the pairs behind its reward model or "
-                "its loss, or those it asked for itself), with their simulated price"] if labels else []), "",
+                "its loss, or those it asked for itself), with their simulated price and annotator time"] if labels else []), "",
              "| rank | " + " | ".join(head) + " |", "|---:|---|" + "---:|" * (len(head) - 1)]
     for rank, r in enumerate(methods, start=1):
         cells = [r["generator"], *(_cell(r, c) for c in columns), str(r.get("avg_length", ""))]
