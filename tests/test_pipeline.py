@@ -120,6 +120,25 @@ def test_example_run_config_is_valid_for_every_stage():
     assert pipeline.make_config(sft.SFTConfig, "sft").save_steps == sft.SFTConfig().save_steps
 
 
+def test_smollm2_run_config_is_valid_for_every_stage():
+    """configs/run_smollm2.yaml (the whole loop on SmolLM2-135M): every stage's section fits its
+    config, and every training stage trains LoRA adapters in bf16."""
+    from pathlib import Path
+
+    from prefgym.pipeline import Pipeline
+
+    cfg = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "run_smollm2.yaml")
+    pipeline = Pipeline(cfg)
+    pipeline.check_stage_sections()
+    assert cfg.base_model == "models/smollm2" and cfg.scale == "quick" and not pipeline.on_world
+    for name in cfg.methods:
+        made = pipeline.method_config(name, "sim")
+        assert made.dtype == "bfloat16" and getattr(made, "use_lora", True)
+        for key, value in cfg.stages[name].items():
+            assert getattr(made, key) == value
+    assert pipeline.sft_config().use_lora and pipeline.reward_model_config("sim").use_lora
+
+
 def test_methods_are_chosen_by_name_and_group():
     from prefgym.pipeline import METHOD_GROUPS
 
