@@ -84,7 +84,7 @@ def test_the_command_stops_with_exit_2_when_a_budget_exceeds_the_label_pool(tmp_
 
 @pytest.mark.parametrize("option, value, message", [
     ("--budgets", "100,0", "distinct positive"), ("--budgets", "100,100", "distinct positive"),
-    ("--budgets", "1e3", "comma-separated whole numbers"), ("--seeds", "0,0", "distinct seeds"),
+    ("--budgets", "1e3", "comma-separated whole numbers"), ("--seeds", "0,0", "given more than once"),
     ("--methods", "ppo,online_dpo", "online_dpo does not learn from the run's preference pairs alone"),
     ("--methods", "ppo,nope", "unknown method 'nope'")])
 def test_bad_options_stop_before_anything_runs(tmp_path, capsys, option, value, message):

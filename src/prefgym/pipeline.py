@@ -115,6 +115,15 @@ def parse_seeds(text: str, where: str = "--seeds") -> list[int]:
     return check_seeds(seeds, where)
 
 
+def parse_numbers(text: str, option: str, kind: type = float) -> list:
+    """'0,0.05' -> [0.0, 0.05] (`kind` int or float); ConfigError naming the option otherwise."""
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        what = "whole numbers" if kind is int else "numbers"
+        raise ConfigError(f"{option}: expected comma-separated {what}, got {text!r}") from None
+
+
 def check_seeds(seeds: list, where: str) -> list[int]:
     """Seeds as given: at least one, each a whole number >= 0, none repeated (its folder would be shared)."""
     if not seeds:

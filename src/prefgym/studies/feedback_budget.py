@@ -345,13 +345,6 @@ def run_study(cfg: BudgetStudyConfig, overwrite: bool = False) -> dict:
     return write_outputs(cfg, times, time.time() - t0)
 
 
-def _numbers(text: str, option: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"{option}: expected comma-separated whole numbers, got '{text}'") from None
-
-
 def add_commands(app: typer.Typer) -> None:
     @app.command("feedback-budget")
     def feedback_budget_command(
@@ -370,10 +363,12 @@ def add_commands(app: typer.Typer) -> None:
         OUT/study.json, OUT/figures/feedback_budget.png and OUT/report.html; prints the table with
         each budget's simulated price and annotator time. Rerunning resumes.
         """
+        from prefgym.pipeline import parse_numbers, parse_seeds
+
         scale = "tiny" if quick else "default"
         cfg = BudgetStudyConfig(out_dir=str(out or f"prefgym-runs/feedback-budget{'-quick' if quick else ''}"),
-                                scale=scale, budgets=_numbers(budgets, "--budgets") if budgets else list(BUDGETS[scale]),
-                                seeds=_numbers(seeds, "--seeds"),
+                                scale=scale, budgets=parse_numbers(budgets, "--budgets", int) if budgets else list(BUDGETS[scale]),
+                                seeds=parse_seeds(seeds),
                                 methods=[m.strip() for m in methods.split(",") if m.strip()])
         study = run_study(cfg, overwrite=overwrite)
         typer.echo(markdown_table(study["summary"]))

@@ -736,13 +736,6 @@ def run_study(study: StudyConfig, overwrite: bool = False) -> dict:
     return result
 
 
-def _numbers(text: str, option: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"{option}: expected comma-separated numbers, got {text!r}") from None
-
-
 def add_commands(app: typer.Typer) -> None:
     """Add `prefgym study overoptimization`."""
 
@@ -774,11 +767,11 @@ def add_commands(app: typer.Typer) -> None:
         stage times. Rerun to resume.
         """
         values = dict(QUICK) if quick else {}
-        from prefgym.pipeline import parse_seeds
+        from prefgym.pipeline import parse_numbers, parse_seeds
 
         given = {"out_dir": str(out) if out else None, "seeds": parse_seeds(seeds),
                  "sources": [s.strip() for s in sources.split(",") if s.strip()],
-                 "kl_coefs": _numbers(kl_coefs, "--kl-coefs") if kl_coefs else None, "ppo_steps": steps,
+                 "kl_coefs": parse_numbers(kl_coefs, "--kl-coefs") if kl_coefs else None, "ppo_steps": steps,
                  "snapshot_steps": snapshot_steps, "ppo_lr": lr, "max_n": max_n, "n_eval": n_eval, "scale": scale,
                  "world_dir": str(world) if world else None, "ensemble": ensemble}
         values.update({k: v for k, v in given.items() if v is not None})
