@@ -35,7 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_trl import _mark_metrics_rows, now, peak_rss_mb, rss_mb  # noqa: E402
+from bench_trl import _mark_ppo_loop, now, peak_rss_mb, rss_mb  # noqa: E402
 
 RESULTS = HERE / "results" / "lora_ppo.json"
 VARIANTS = ("full", "lora")
@@ -75,15 +75,7 @@ def worker(variant: str, spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     import_rss = rss_mb()
     marks: list = []
-    _mark_metrics_rows(ppo, marks)
-    load_models = ppo._load_models
-
-    def timed_load_models(*a, **kw):
-        out = load_models(*a, **kw)
-        marks.append(("loop_start", now()))
-        return out
-
-    ppo._load_models = timed_load_models
+    _mark_ppo_loop(ppo, marks)
     B, steps = spec["batch"], spec["steps"]
     prompts = [{"instruction": f"List {2 + i % 4} colors and say which one you like best, for person {i}.",
                 "input": ""} for i in range(steps * B)]

@@ -164,6 +164,19 @@ def _mark_metrics_rows(module, marks: list) -> None:
     module.append_jsonl = timed_append
 
 
+def _mark_ppo_loop(ppo, marks: list) -> None:
+    """Time-stamp PPO's steps and the end of its model loading (where its loop starts)."""
+    _mark_metrics_rows(ppo, marks)
+    load_models = ppo._load_models
+
+    def timed_load_models(*a, **kw):
+        out = load_models(*a, **kw)
+        marks.append(("loop_start", now()))
+        return out
+
+    ppo._load_models = timed_load_models
+
+
 def child_prefgym_dpo(spec: dict, work: Path, steps: int, epochs: int, marks: list) -> None:
     from prefgym.methods import dpo
 
@@ -189,15 +202,7 @@ def child_prefgym_dpo(spec: dict, work: Path, steps: int, epochs: int, marks: li
 def child_prefgym_ppo(spec: dict, work: Path, steps: int, epochs: int, marks: list) -> None:
     from prefgym.methods import ppo
 
-    _mark_metrics_rows(ppo, marks)
-    load_models = ppo._load_models
-
-    def timed_load_models(*a, **kw):
-        out = load_models(*a, **kw)
-        marks.append(("loop_start", now()))
-        return out
-
-    ppo._load_models = timed_load_models
+    _mark_ppo_loop(ppo, marks)
     B = spec["ppo_rollout_batch_size"]
     prompts = [{"instruction": i, "input": ""} for i in json.loads(Path(spec["ppo_instructions"]).read_text())]
     cfg = ppo.PPOConfig(policy_model=spec["model"], reward_model=spec["reward_model"], output_dir=str(work / "final"),
