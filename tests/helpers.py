@@ -20,7 +20,20 @@ def start_process(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
 
 
 def stop_process_group(proc: subprocess.Popen) -> None:
-    """SIGKILL every process of `proc`'s group still alive (nothing when all have exited)."""
+    """SIGKILL `proc`'s descendants and every process of its group still alive (nothing when all
+    have exited). Descendants first: torchrun starts its workers in sessions of their own, out
+    of reach of the group's kill, and a worker left behind would hold the output pipes open."""
+    import psutil  # an Accelerate dependency
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -42,7 +55,10 @@ def run_process(cmd: list[str], env: dict | None = None, timeout: float = DEADLI
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         stop_process_group(proc)
-        out, err = proc.communicate()
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # a process outside the group still holds the pipes
+            out, err = "", "(no output: the pipes were still held open after the kill)"
         pytest.fail(f"{' '.join(cmd[:6])} ... still running after {timeout} s (killed)\n{err[-3000:]}")
     finally:
         stop_process_group(proc)  # workers left behind by a launcher that exited
