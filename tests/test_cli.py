@@ -54,8 +54,11 @@ def test_ctrl_c_inside_a_command_exits_130_with_a_message(tmp_path, monkeypatch,
 
 
 SLOW_COMMAND = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     import prefgym.pipeline
+    # as under an interactive shell: a job started in the background (`cmd &`, e.g. CI under nohup)
+    # inherits SIGINT ignored, and Python then leaves it ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from prefgym.cli import main
 
     def slow_stage(cfg, overwrite=False):
