@@ -188,25 +188,19 @@ def train(cfg: RewardConditioningConfig, pairs: list[dict] | None = None) -> Pat
     if cfg.resume and (out / CONDITIONING_FILE).exists():
         return out  # finished earlier
     # 1. The SFT model with the two control tokens added (by the main process, once; reused when resuming).
-    with _processes().main_process_first():
+    from prefgym.models.generation import is_main_process, processes
+
+    with processes().main_process_first():
         init = prepare_conditioned_model(cfg.model_name_or_path, [cfg.good_token, cfg.bad_token],
                                          out / "init_model")
     # 2. Supervised fine-tuning on the conditioned demonstrations.
     train_sft(sft_config(cfg, model_name_or_path=str(init), train_file=None, split=None), records=records)
     # 3. Record how to condition at inference.
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         write_conditioning(out, cfg.good_token, "binary reward conditioning",
                            {"bad_token": cfg.bad_token, "pairs_used": len(records) // 2})
         shutil.rmtree(init, ignore_errors=True)
     return out
-
-
-def _processes():
-    """Accelerate's process state, set up as `train_sft` will (CPU data-parallel without a GPU)."""
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
 
 
 def add_commands(app: typer.Typer) -> None:
