@@ -206,3 +206,31 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def test_set_key_null_sets_none_and_unset_options_do_not():
+    from prefgym.methods.best_of_n import BestOfNConfig
+
+    assert BestOfNConfig().missing_eos_penalty == -1.0
+    for text in ("missing_eos_penalty=null", "missing_eos_penalty=~", "missing-eos-penalty=Null"):
+        cfg = common.load_config(BestOfNConfig, None, common.set_then_flags([text], {"n": None}))
+        assert cfg.missing_eos_penalty is None and cfg.n == BestOfNConfig().n, text
+    # an option left unset (None) neither clears the field nor cancels a --set of the same key
+    cfg = common.load_config(BestOfNConfig, None, common.set_then_flags(["n=3"], {"n": None, "missing_eos_penalty": None}))
+    assert cfg.n == 3 and cfg.missing_eos_penalty == -1.0
+    with pytest.raises(ConfigError, match="'n' should be"):  # a field that cannot be None says so
+        common.load_config(BestOfNConfig, None, common.parse_overrides(["n=null"]))
+
+
+def test_run_config_stage_null_sets_none(tmp_path):
+    from prefgym.methods.best_of_n import BestOfNConfig
+    from prefgym.pipeline import Pipeline, load_run_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("scale: tiny\nstages:\n  best_of_n: {missing_eos_penalty: null, n: 3}\n")
+    pipe = Pipeline(load_run_config(path, out_dir=str(tmp_path / "out")))
+    cfg = pipe.make_config(BestOfNConfig, "best_of_n")
+    assert cfg.missing_eos_penalty is None and cfg.n == 3
+    path.write_text("scale: tiny\nstages:\n  best_of_n: {n: null}\n")
+    with pytest.raises(ConfigError, match="stages.best_of_n: key 'n'"):
+        Pipeline(load_run_config(path, out_dir=str(tmp_path / "out"))).make_config(BestOfNConfig, "best_of_n")

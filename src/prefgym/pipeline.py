@@ -398,9 +398,12 @@ class Pipeline:
 
     def make_config(self, cls, stage: str, **fixed):
         """The config of `stage`: its settings checked against `cls` (unknown keys, wrong types)."""
-        from prefgym.methods.common import load_config
+        from prefgym.methods.common import NULL, load_config
 
-        return load_config(cls, None, self.settings(stage, **fixed), where=f"stages.{stage}")
+        given = self.cfg.stages.get(stage, {})
+        values = {k: NULL if v is None and given.get(k, 0) is None and k not in fixed else v
+                  for k, v in self.settings(stage, **fixed).items()}  # `field: null` in stages: sets None
+        return load_config(cls, None, values, where=f"stages.{stage}")
 
     def fingerprint_settings(self, config) -> dict[str, Any]:
         """What of a stage config decides its result: every field but how the run is carried out

@@ -35,14 +35,27 @@ from prefgym.io import write_json
 # Configs
 
 
+class _Null:
+    """An override that sets a field to None (`--set key=null`), told apart from an option not given."""
+
+    def __repr__(self) -> str:
+        return "null"
+
+
+NULL = _Null()
+"""The value `parse_overrides` gives `key=null` (`~`, empty YAML null): `load_config` sets None."""
+
+
 def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
-    """`["lr=1e-5", "use_lora=true"]` -> `{"lr": 1e-05, "use_lora": True}` (values parsed as YAML)."""
+    """`["lr=1e-5", "use_lora=true", "max_steps=null"]` -> `{"lr": 1e-05, "use_lora": True,
+    "max_steps": NULL}` (values parsed as YAML; a YAML null becomes `NULL`, which sets None)."""
     out = {}
     for item in items or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, value = item.split("=", 1)
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
+        parsed = yaml.safe_load(value) if value != "" else ""
+        out[key.strip().replace("-", "_")] = NULL if parsed is None else parsed
     return out
 
 
@@ -57,7 +70,8 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
     """Build the dataclass `cls` from a YAML file and/or a dict of overrides (overrides win).
 
     Unknown keys and values of the wrong type raise ConfigError naming the file (or `where`,
-    e.g. "run.yaml: stages.sft") and the key.
+    e.g. "run.yaml: stages.sft") and the key. An override of None means "not given" (an option
+    left unset); `NULL` (from `--set key=null`) sets the field to None.
     """
     values: dict[str, Any] = {}
     if path is not None:
@@ -74,6 +88,7 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
             raise ConfigError(f"{path}: expected a mapping of key: value")
         values.update(loaded)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values = {k: None if v is NULL else v for k, v in values.items()}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
