@@ -193,3 +193,31 @@ def test_generate_command_with_the_openai_backend(fake, tmp_path, capsys):
     assert main(["generate", "--data", str(data), "--out", str(tmp_path / "x.json")]) == 2
     assert "--backend hf needs --model" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+GENERATE_SCRIPT = """
+import sys
+from prefgym.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_generate_command_under_two_processes_asks_each_request_once(fake, tmp_path):
+    """`accelerate launch` of 2 processes: the main one asks the server (each process asking would
+    send, and pay for, every request twice); both exit 0 and one file is written."""
+    import os
+
+    from helpers import launch_two_cpu_processes, run_process
+
+    data = tmp_path / "instructions.json"
+    data.write_text(json.dumps(RECORDS[:5]))
+    out = tmp_path / "outputs.json"
+    script = tmp_path / "generate.py"
+    script.write_text(GENERATE_SCRIPT)
+    cmd = launch_two_cpu_processes(script, "generate", "--backend", "openai", "--base-url", fake.url, "--served-model",
+                                   "smollm2", "--data", str(data), "--out", str(out), "--seed", "3", "--no-progress")
+    run_process(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}, check=True)
+    rows = json.loads(out.read_text())
+    assert [r["output"] for r in rows] == [FakeServer.text_for(format_record(r), request_seed(3, i, 0))
+                                          for i, r in enumerate(RECORDS[:5])]
+    assert len(fake.requests) == 5, [r["body"]["prompt"][-20:] for r in fake.requests]

@@ -67,7 +67,7 @@ def add_commands(app: typer.Typer) -> None:
         """
         from prefgym.data import load_records
         from prefgym.io import write_json
-        from prefgym.models.generation import SamplingConfig, generate_outputs, is_main_process
+        from prefgym.models.generation import SamplingConfig, generate_outputs, is_main_process, main_process_only
 
         from prefgym.errors import ConfigError
 
@@ -81,17 +81,26 @@ def add_commands(app: typer.Typer) -> None:
         cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                              num_samples=num_samples, batch_size=batch_size, seed=seed)
         partial = out.with_name(out.name + ".partial.jsonl")  # finished batches, for resuming
+
+        def write(outputs):
+            write_json(out, outputs)
+            partial.unlink(missing_ok=True)
+            typer.echo(f"wrote {len(outputs)} outputs to {out}")
+
         if backend == "openai":
             from prefgym.models.openai_generation import ServerConfig, generate_outputs_openai
 
             server = ServerConfig(base_url=base_url, served_model=served_model, api_key_env=api_key_env,
                                   max_concurrency=max_concurrency)
-            outputs = generate_outputs_openai(server, records, cfg, generator=generator, progress=progress,
-                                              partial_file=partial)
-        else:
-            outputs = generate_outputs(model, records, cfg, generator=generator, progress=progress,
-                                       partial_file=partial)
+
+            def ask_the_server():  # the server batches: one process asks (each would pay for every request)
+                outputs = generate_outputs_openai(server, records, cfg, generator=generator, progress=progress,
+                                                  partial_file=partial)
+                write(outputs)
+
+            main_process_only("generation through the server", ask_the_server)
+            return
+
+        outputs = generate_outputs(model, records, cfg, generator=generator, progress=progress, partial_file=partial)
         if is_main_process():  # several processes (accelerate launch): each holds all outputs, one writes
-            write_json(out, outputs)
-            partial.unlink(missing_ok=True)
-            typer.echo(f"wrote {len(outputs)} outputs to {out}")
+            write(outputs)
