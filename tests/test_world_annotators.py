@@ -154,3 +154,39 @@ def test_annotator_table_is_alpaca_eval_like(tmp_path):
     assert greedy["proba_prefer_longer"] > humans["proba_prefer_longer"]  # judges like length more than people
     assert greedy["human_agreement"] > humans["human_agreement"]
     assert longer["human_agreement"] < humans["human_agreement"]
+
+
+def test_cached_world_answers_are_not_reused_once_the_worlds_people_change(pairs, tmp_path, monkeypatch):
+    """World judges' weights are code, not config: a cache filled before that code changed is not read."""
+    import dataclasses
+
+    from prefgym.annotators.annotate import annotate_pairs
+    from prefgym.world import behaviour, judges
+
+    few = pairs[:40]
+    first, stats = annotate_pairs(few, "world_greedy", cache_dir=tmp_path, progress=False), {}
+    again = annotate_pairs(few, "world_greedy", cache_dir=tmp_path, progress=False, stats=stats)
+    assert [r["preference"] for r in again] == [r["preference"] for r in first] and stats["n_cached"] == len(few)
+
+    # the greedy judge now counts only length: its labels change, and the cache must not hide that
+    changed = dataclasses.replace(judges.WORLD_JUDGES["world-judge-greedy"], length_bias=50.0, position_bias=0.0)
+    monkeypatch.setitem(judges.WORLD_JUDGES, "world-judge-greedy", changed)
+    monkeypatch.setattr(behaviour, "behaviour_hash", lambda: "changed-world-code")
+    stats = {}
+    new = annotate_pairs(few, "world_greedy", cache_dir=tmp_path, progress=False, stats=stats)
+    assert stats["n_cached"] == 0
+    words = [(len(r["output_1"].split()), len(r["output_2"].split())) for r in few]
+    longer = [2 if w2 > w1 else 1 for w1, w2 in words]
+    differ = [i for i, (w1, w2) in enumerate(words) if w1 != w2]
+    assert len(differ) > 20
+    assert [new[i]["preference"] for i in differ] == [longer[i] for i in differ]
+    assert [r["preference"] for r in new] != [r["preference"] for r in first]
+
+
+def test_behaviour_hash_covers_the_code_of_judges_humans_and_gold():
+    from prefgym.world import behaviour
+
+    behaviour.behaviour_hash.cache_clear()
+    h = behaviour.behaviour_hash()
+    assert len(h) == 16 and h == behaviour.behaviour_hash()
+    assert set(behaviour._MODULES) >= {"judges.py", "humans.py", "gold.py"}

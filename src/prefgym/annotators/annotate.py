@@ -148,6 +148,16 @@ def _run_calls(run: _JudgeRun, items: list[Item], answers: dict[str, dict], adva
     return n_calls
 
 
+def _answers_key(judge: JudgeConfig, config_hash: str) -> str:
+    """The cache key's judge part: its config hash, and for the built-in world's judges and humans
+    (whose weights are code, not config) the fingerprint of that code."""
+    if judge.fn_completions in ("world_judges", "world_humans"):
+        from prefgym.world.behaviour import behaviour_hash
+
+        return f"{config_hash}-w{behaviour_hash()}"
+    return config_hash
+
+
 def _annotate_with(judge: JudgeConfig, items: list[Item], cache_keys: dict[str, str], cache: AnnotationCache,
                    answers: dict[str, dict], counts: Counter, advance) -> None:
     """Answers for `items` (not stored when the run began): asked here for the examples this run
@@ -214,7 +224,7 @@ def annotate_pairs(pairs: list[dict], annotators: str | PoolConfig = "world_pool
         todo: list[tuple[JudgeConfig, list[Item], dict[str, str]]] = []
         for j, items in sorted(by_judge.items()):
             judge = pool.judges[j]
-            jhash, sample = hashes[j], (seed if _is_seeded(judge) else "")
+            jhash, sample = _answers_key(judge, hashes[j]), (seed if _is_seeded(judge) else "")
             cache_keys = {k: f"{jhash}:{k}:{int(it.swapped)}:{sample}" for k, it in items.items()}
             stored = cache.get_many(list(cache_keys.values()))
             missing = []
