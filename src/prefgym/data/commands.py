@@ -49,7 +49,8 @@ def add_commands(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Sampling seed."),
         max_instances: Optional[int] = typer.Option(None, help="Only the first N instructions."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-        backend: str = typer.Option("hf", help="hf: load --model here; openai: ask an OpenAI-compatible server "
+        backend: str = typer.Option("hf", help="hf: load --model here; vllm: sample --model on an in-process vLLM "
+                                    "engine (pip install 'prefgym[vllm]'); openai: ask an OpenAI-compatible server "
                                     "(vllm serve, llama.cpp, sglang) at --base-url."),
         base_url: Optional[str] = typer.Option(None, help="--backend openai: the server's API root, e.g. http://localhost:8000/v1."),
         served_model: Optional[str] = typer.Option(None, help="--backend openai: the model name the server serves."),
@@ -71,15 +72,17 @@ def add_commands(app: typer.Typer) -> None:
 
         from prefgym.errors import ConfigError
 
-        needed = {"hf": {"--model": model}, "openai": {"--base-url": base_url, "--served-model": served_model}}
+        needed = {"hf": {"--model": model}, "vllm": {"--model": model},
+                  "openai": {"--base-url": base_url, "--served-model": served_model}}
         if backend not in needed:
-            raise ConfigError(f"--backend should be hf or openai, got {backend!r}")
+            raise ConfigError(f"--backend should be hf, vllm or openai, got {backend!r}")
         missing = [name for name, value in needed[backend].items() if not value]
         if missing:
             raise ConfigError(f"--backend {backend} needs {' and '.join(missing)}")
         records = load_records(data, split=split, required=("instruction",))[:max_instances]
         cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                             num_samples=num_samples, batch_size=batch_size, seed=seed)
+                             num_samples=num_samples, batch_size=batch_size, seed=seed,
+                             engine="vllm" if backend == "vllm" else "hf")
         partial = out.with_name(out.name + ".partial.jsonl")  # finished batches, for resuming
 
         def write(outputs):

@@ -22,11 +22,11 @@ import numpy as np
 import typer
 
 from prefgym.errors import ConfigError
-from prefgym.methods.fields import ModelFields, RewardEnsembleFields
+from prefgym.methods.fields import GenerationFields, ModelFields, RewardEnsembleFields
 
 
 @dataclass
-class BestOfNConfig(RewardEnsembleFields, ModelFields):
+class BestOfNConfig(RewardEnsembleFields, GenerationFields, ModelFields):
     """Best-of-n sampling settings (AlpacaFarm: temperature 1.0; n from 1 to 1024, 16 a good default)."""
 
     policy_model: str = ""
@@ -116,6 +116,7 @@ def run(cfg: BestOfNConfig) -> Path:
     from prefgym.models import load_model_and_tokenizer
     from prefgym.models.generation import (SamplingConfig, is_main_process, map_sharded, process_device,
                                            wait_for_everyone)
+    from prefgym.models.vllm_engine import engine_settings
     from prefgym.seeding import stable_hash
 
     for key in ("policy_model", "reward_model", "data"):
@@ -152,7 +153,7 @@ def run(cfg: BestOfNConfig) -> Path:
             # first chunk uses the seed itself (one chunk with n=1 is plain sampling, `generate_outputs`).
             seed = cfg.seed if start == 0 else stable_hash(cfg.seed, "best-of-n-chunk", start)
             sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                      batch_size=cfg.generation_batch_size, seed=seed)
+                                      batch_size=cfg.generation_batch_size, seed=seed, **engine_settings(cfg))
             # Several processes share the chunk's generation batches (sampled and scored as one process would).
             b = cfg.generation_batch_size
             parts = map_sharded(lambda i: best_of_n(model, tokenizer, chunk[i:i + b], scorer.score, cfg.n, sampling,

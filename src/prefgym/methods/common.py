@@ -148,7 +148,7 @@ def save_config(cfg, path: str | Path) -> None:
 
 
 RESULT_NEUTRAL_KEYS = frozenset({"output_dir", "resume", "progress", "save_steps", "save_every_seconds",
-                                 "logging_steps"})
+                                 "logging_steps", "vllm_gpu_memory_utilization"})
 """Config fields that change how a run is carried out or shown, not what it computes."""
 
 
@@ -534,13 +534,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[str], *, seeds: Sequenc
     """
     from transformers import GenerationConfig
 
-    sides = tokenizer.padding_side, tokenizer.truncation_side
-    tokenizer.padding_side = tokenizer.truncation_side = "left"  # long prompts keep their end
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, truncation=True,
-                    max_length=max_prompt_length)
-    tokenizer.padding_side, tokenizer.truncation_side = sides
-    device = next(model.parameters()).device
-    query_ids, query_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    query_ids, query_mask = encode_prompts(tokenizer, prompts, max_prompt_length, next(model.parameters()).device)
     gen_cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                bos_token_id=tokenizer.bos_token_id)
@@ -560,6 +554,17 @@ def sample_responses(model, tokenizer, prompts: Sequence[str], *, seeds: Sequenc
         hook.remove()
         model.train(was_training)
     return query_ids, query_mask, out[:, query_ids.shape[1]:]
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int, device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rollout prompts as (ids (B, P), mask (B, P)): left-padded, each cut to its last max_prompt_length tokens."""
+    sides = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = "left"  # long prompts keep their end
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, truncation=True,
+                    max_length=max_prompt_length)
+    tokenizer.padding_side, tokenizer.truncation_side = sides
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
 def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int, pad_token_id: int

@@ -17,7 +17,7 @@ import typer
 
 from prefgym.errors import ConfigError
 from prefgym.methods.best_of_n import BestOfNConfig, run as run_best_of_n
-from prefgym.methods.fields import RewardEnsembleFields
+from prefgym.methods.fields import GenerationFields, RewardEnsembleFields
 from prefgym.methods.reward_conditioning import sft_config
 from prefgym.methods.sft import SFTConfig, _accelerator, train_sft
 
@@ -25,7 +25,7 @@ BEST_OF_N_FILE = "best_of_n_outputs.json"
 
 
 @dataclass
-class ExpertIterationConfig(RewardEnsembleFields, SFTConfig):
+class ExpertIterationConfig(RewardEnsembleFields, GenerationFields, SFTConfig):
     """Expert iteration: every SFTConfig field (how to fine-tune), plus how to pick the outputs.
 
     `model_name_or_path` is the SFT model: it both samples the outputs and is fine-tuned on them.
@@ -59,6 +59,7 @@ class ExpertIterationConfig(RewardEnsembleFields, SFTConfig):
 def train(cfg: ExpertIterationConfig) -> Path:
     """Best-of-n on `prompts_file`, then SFT of `model_name_or_path` on the chosen outputs; returns the output dir."""
     from prefgym.io import read_records
+    from prefgym.models.vllm_engine import engine_settings
 
     for key in ("model_name_or_path", "reward_model", "prompts_file"):
         if not getattr(cfg, key):
@@ -75,7 +76,8 @@ def train(cfg: ExpertIterationConfig) -> Path:
         top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, missing_eos_penalty=cfg.missing_eos_penalty,
         generation_batch_size=cfg.generation_batch_size, max_examples=cfg.max_examples, seed=cfg.seed,
         resume=cfg.resume, progress=cfg.progress, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-        prompt_format=cfg.prompt_format, reward_ensemble=cfg.reward_ensemble, uwo_coef=cfg.uwo_coef))
+        prompt_format=cfg.prompt_format, reward_ensemble=cfg.reward_ensemble, uwo_coef=cfg.uwo_coef,
+        **engine_settings(cfg)))
 
     # 2. SFT of the SFT model on them.
     records = [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]}

@@ -1,5 +1,5 @@
 """Config fields every method shares, defined once: how models load, LoRA, reward-model ensembles,
-experiment tracking.
+experiment tracking, the generation engine.
 
 A method's config inherits them (`class DPOConfig(TrainFields, LoraFields)`), so `--set
 dtype=bfloat16`, `--set gradient_checkpointing=true` or `--set report_to=tensorboard` work on
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from prefgym.errors import ConfigError
+from prefgym.models.vllm_engine import EngineFields, check_engine_fields
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 PROMPT_FORMATS = ("auto", "alpaca", "chat")
@@ -69,6 +70,17 @@ class LoraFields:
     """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA inputs."""
+
+
+@dataclass
+class GenerationFields(EngineFields):
+    """Which engine samples (`engine: hf | vllm | auto`), for the methods that generate; the same
+    fields as `SamplingConfig`'s. List it before ModelFields / TrainFields among the bases so its
+    check runs (`class BestOfNConfig(RewardEnsembleFields, GenerationFields, ModelFields)`)."""
+
+    def __post_init__(self):
+        check_engine_fields(self)
+        super().__post_init__()
 
 
 REWARD_ENSEMBLE_RULES = ("mean", "worst", "uwo")

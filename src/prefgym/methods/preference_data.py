@@ -28,7 +28,7 @@ from prefgym.seeding import stable_hash
 
 
 @dataclass
-class PreferenceDataConfig(fields.ModelFields):
+class PreferenceDataConfig(fields.GenerationFields, fields.ModelFields):
     policy_model: str = ""
     """SFT model folder (or hub name) whose samples are compared."""
     prompt_file: str = ""
@@ -67,6 +67,7 @@ def run(cfg: PreferenceDataConfig, records: list[dict] | None = None) -> Path:
     from prefgym.models import load_model_and_tokenizer
     from prefgym.models.generation import (SamplingConfig, generate_sharded, is_main_process, main_process_only,
                                            process_device, processes)
+    from prefgym.models.vllm_engine import engine_settings
 
     if not cfg.policy_model or not cfg.output_dir:
         raise ConfigError("preference data: policy_model and output_dir are required")
@@ -100,7 +101,8 @@ def run(cfg: PreferenceDataConfig, records: list[dict] | None = None) -> Path:
             chunk = records[start:start + cfg.chunk_size]
             sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                                       num_samples=cfg.num_samples, batch_size=cfg.batch_size,
-                                      seed=stable_hash(cfg.seed, "preference-data", start) % 2**31)
+                                      seed=stable_hash(cfg.seed, "preference-data", start) % 2**31,
+                                      **engine_settings(cfg))
             outputs = generate_sharded(model, tokenizer, [fmt(r) for r in chunk], sampling)[0]
             rows = [{"instruction": rec["instruction"], "input": rec.get("input") or "", "outputs": outs,
                      "generator": Path(cfg.policy_model).name} for rec, outs in zip(chunk, outputs)]

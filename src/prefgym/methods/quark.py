@@ -50,7 +50,7 @@ POOL_FILE = "pool.jsonl"
 
 
 @dataclass
-class QuarkConfig(fields.TrainFields, fields.LoraFields):
+class QuarkConfig(fields.GenerationFields, fields.TrainFields, fields.LoraFields):
     """Quark settings (AlpacaFarm: K=5 reward tokens, kl_coef 0.05, temperature 1.0, lr 3e-6 for 7B models)."""
 
     policy_model: str = ""
@@ -194,6 +194,7 @@ def train(cfg: QuarkConfig) -> Path:
     from prefgym.methods.reward_model import load_reward_scorer
     from prefgym.models import load_model_and_tokenizer
     from prefgym.models.generation import SamplingConfig, generate_with_eos
+    from prefgym.models.vllm_engine import full_weights
     from prefgym.seeding import rng_for, seed_everything, stable_hash
 
     for key in ("policy_model", "reward_model", "prompts_file"):
@@ -223,6 +224,7 @@ def train(cfg: QuarkConfig) -> Path:
                                                  trainable=True)
     fmt = make_prompt_formatter(tokenizer, cfg.prompt_format)
     control_ids = add_control_tokens(policy, tokenizer, tokens)
+    engine = _rollout_engine(cfg, policy, tokenizer, out / ENGINE_START)  # None: the HF sampler
     if cfg.use_lora:
         from peft import LoraConfig, get_peft_model
 
@@ -267,9 +269,15 @@ def train(cfg: QuarkConfig) -> Path:
             batch = [{"instruction": prompts[i]["instruction"], "input": prompts[i].get("input") or ""} for i in ids]
             # The untrained token means nothing on the first rollout.
             token = tokens[0] if it > 0 and not cfg.train_on_best_quantile else ""
-            texts, finished = generate_with_eos(
-                accelerator.unwrap_model(policy), tokenizer, [fmt(r) for r in with_control_token(batch, token)],
-                dataclasses.replace(sampling, seed=stable_hash(cfg.seed, "quark-rollout", it, rank)))
+            # On the vLLM engine, once it holds the policy's weights as the last iteration left them.
+            rollout_prompts = [fmt(r) for r in with_control_token(batch, token)]
+            rollout_sampling = dataclasses.replace(sampling, seed=stable_hash(cfg.seed, "quark-rollout", it, rank))
+            if engine is None:
+                texts, finished = generate_with_eos(accelerator.unwrap_model(policy), tokenizer, rollout_prompts,
+                                                    rollout_sampling)
+            else:
+                engine.update_weights(full_weights(accelerator.unwrap_model(policy)))
+                texts, finished = engine.generate_with_eos(rollout_prompts, rollout_sampling)
             samples = [{**r, "output": t[0]} for r, t in zip(batch, texts)]
             rewards = common.missing_eos_scores(scorer.score(samples), [f[0] for f in finished], cfg.missing_eos_penalty)
             mine = [{**s, "reward": float(x), "truncated": not f[0], "iteration": it}
@@ -329,9 +337,29 @@ def train(cfg: QuarkConfig) -> Path:
         write_json(out / "quantile_tokens.json", {"tokens": tokens, "best": best})
         write_conditioning(out, best, "Quark", {"num_quantiles": cfg.num_quantiles})
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shutil.rmtree(out / ENGINE_START, ignore_errors=True)
     accelerator.wait_for_everyone()
     common.end_training(accelerator)
     return out
+
+
+ENGINE_START = "vllm_start"
+"""Folder (in output_dir, while training) of the policy with its reward tokens, that the vLLM engine starts from."""
+
+
+def _rollout_engine(cfg: QuarkConfig, policy, tokenizer, folder: Path):
+    """The vLLM engine that samples the rollouts (`cfg.engine` vllm, or auto on a machine with vLLM
+    and a GPU), started from `policy` (the SFT model with the reward tokens, saved to `folder`:
+    its vocabulary is larger than the SFT folder's) and sent the policy's weights before each
+    rollout; None: the HF sampler."""
+    from prefgym.models import vllm_engine
+
+    if vllm_engine.resolve_engine(cfg.engine) != "vllm":
+        return None
+    policy.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return vllm_engine.VLLMEngine(folder, dtype=vllm_engine.dtype_name(policy.dtype), seed=cfg.seed,
+                                  gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, tokenizer=tokenizer)
 
 
 def _iteration_prompts(n_prompts: int, batch_size: int, iteration: int, seed: int) -> list[int]:

@@ -19,13 +19,14 @@ import torch
 
 from prefgym.data.prompts import make_prompt_formatter
 from prefgym.errors import ConfigError, PrefgymError
+from prefgym.models.vllm_engine import EngineFields, check_engine_fields, resolve_engine
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SamplingConfig:
-    """How to sample responses."""
+class SamplingConfig(EngineFields):
+    """How to sample responses (and which engine samples them: `EngineFields`)."""
 
     temperature: float = 0.7
     """Softmax temperature; 0 means greedy decoding."""
@@ -43,6 +44,9 @@ class SamplingConfig:
     """Prompts per call to `generate`."""
     seed: int = 0
     """Seed of the sampling random state."""
+
+    def __post_init__(self):
+        check_engine_fields(self)
 
 
 @contextmanager
@@ -89,17 +93,29 @@ def generation_config(cfg: SamplingConfig, tokenizer):
     """The complete transformers GenerationConfig of `cfg` (to be used with the folder's ignored)."""
     from transformers import GenerationConfig
 
-    checks = {"temperature": cfg.temperature >= 0, "top_p": 0 < cfg.top_p <= 1, "top_k": cfg.top_k >= 0,
-              "repetition_penalty": cfg.repetition_penalty > 0, "max_new_tokens": cfg.max_new_tokens >= 1}
-    for key, ok in checks.items():
-        if not ok:
-            raise ConfigError(f"sampling: {key}={getattr(cfg, key)!r} is out of range")
+    check_sampling(cfg)
     common = dict(max_new_tokens=cfg.max_new_tokens, num_beams=1, repetition_penalty=cfg.repetition_penalty,
                   use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if cfg.temperature == 0:
         return GenerationConfig(do_sample=False, **common)
     return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                             num_return_sequences=cfg.num_samples, **common)
+
+
+def check_sampling(cfg: SamplingConfig) -> None:
+    """ConfigError naming the first decoding setting out of range."""
+    checks = {"temperature": cfg.temperature >= 0, "top_p": 0 < cfg.top_p <= 1, "top_k": cfg.top_k >= 0,
+              "repetition_penalty": cfg.repetition_penalty > 0, "max_new_tokens": cfg.max_new_tokens >= 1}
+    for key, ok in checks.items():
+        if not ok:
+            raise ConfigError(f"sampling: {key}={getattr(cfg, key)!r} is out of range")
+
+
+def batch_seed(seed: int, position: int) -> int:
+    """The seed of the batch whose first prompt is at `position` (on the vLLM engine: of that prompt's request)."""
+    from prefgym.seeding import stable_hash
+
+    return stable_hash(seed, position) % 2**63
 
 
 _warned: set[int] = set()
@@ -136,8 +152,13 @@ def generate_with_eos(model, tokenizer, prompts: list[str], cfg: SamplingConfig,
     ignored). Greedy when `cfg.temperature == 0` (then all samples are equal).
     Each batch is seeded by `cfg.seed` and its position; `first_index` is the position of
     `prompts[0]` in a longer list that is generated piece by piece.
+    With `cfg.engine` vllm (or auto on a machine with vLLM and a GPU), the vLLM engine serving the
+    model's folder samples instead (`vllm_engine.engine_for`), one request per prompt.
     """
-    from prefgym.seeding import stable_hash
+    if resolve_engine(cfg.engine) == "vllm":
+        from prefgym.models.vllm_engine import engine_for
+
+        return engine_for(model, cfg).generate_with_eos(prompts, cfg, first_index, progress)
 
     greedy = cfg.temperature == 0
     gen_cfg = generation_config(cfg, tokenizer)
@@ -155,11 +176,11 @@ def generate_with_eos(model, tokenizer, prompts: list[str], cfg: SamplingConfig,
                 batch = tokenizer(prompts[start:start + cfg.batch_size], return_tensors="pt",
                                   padding=True).to(model.device)
                 # Seeded by (seed, first prompt's position): results do not depend on what ran before.
-                torch.manual_seed(stable_hash(cfg.seed, first_index + start) % 2**63)
+                torch.manual_seed(batch_seed(cfg.seed, first_index + start))
                 sequences = model.generate(**batch, generation_config=gen_cfg)
                 new_tokens = sequences[:, batch["input_ids"].shape[1]:]  # (B * n, new)
                 rows = new_tokens.tolist()
-                texts = [tokenizer.decode(_until_eos(ids, tokenizer.eos_token_id), skip_special_tokens=True)
+                texts = [tokenizer.decode(until_eos(ids, tokenizer.eos_token_id), skip_special_tokens=True)
                          for ids in rows]
                 ended = [tokenizer.eos_token_id in ids for ids in rows]
                 per_prompt = 1 if greedy else cfg.num_samples
@@ -319,8 +340,12 @@ def generate_outputs(model_path: str | os.PathLike, records: list[dict], cfg: Sa
     from prefgym.seeding import stable_hash
 
     generator = generator or Path(model_path).name
-    run_key = stable_hash(str(model_path), json.dumps(dataclasses.asdict(cfg), sort_keys=True),
-                          *([] if prompt_format == "auto" else [prompt_format]))
+    # Keyed by the decoding settings, and by the engine unless it is hf (the keys of earlier partial files).
+    engine_keys = {f.name for f in dataclasses.fields(EngineFields)}
+    decoding = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in engine_keys}
+    engine = resolve_engine(cfg.engine)
+    run_key = stable_hash(str(model_path), json.dumps(decoding, sort_keys=True),
+                          *([] if prompt_format == "auto" else [prompt_format]), *([] if engine == "hf" else [engine]))
     keys = [str(stable_hash(run_key, i, r["instruction"], r.get("input") or "")) for i, r in enumerate(records)]
     done = read_partial(partial_file)
     samples: list[list[str] | None] = [done.get(k) for k in keys]
@@ -371,7 +396,7 @@ def output_records(records: list[dict], samples: list[list[str]], generator: str
     return results
 
 
-def _until_eos(ids: list[int], eos_token_id: int) -> list[int]:
+def until_eos(ids: list[int], eos_token_id: int) -> list[int]:
     return ids[:ids.index(eos_token_id)] if eos_token_id in ids else ids
 
 

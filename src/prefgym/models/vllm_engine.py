@@ -1,0 +1,271 @@
+"""Sampling through vLLM's offline engine (`pip install 'prefgym[vllm]'`), imported only when asked for.
+
+`engine: vllm` (a field of `SamplingConfig` and of every generating method's config) sends the
+sampling of `generation.generate_with_eos` here, so preference data, best-of-n, expert iteration
+and evaluation write the same records as with `engine: hf`; PPO and Quark sample their rollouts on
+an engine of their own and send it the policy's weights before each rollout (`update_weights`).
+`engine: auto` is vllm when it is installed and a CUDA device exists, else hf.
+
+Each prompt is one request seeded by `generation.batch_seed(cfg.seed, its position)`, the seed
+the HF path gives a batch of one prompt, so the samples do not depend on the batching, and a
+request with n samples is vLLM's n sequences of one request. Decoding follows the sampling
+settings alone (`generation_config="vllm"`: the model folder's generation_config.json is set
+aside, as on the HF path); a response ends at the tokenizer's EOS; prompts go in as the token ids
+prefgym's tokenizer makes, and responses come back as token ids that the same tokenizer decodes.
+
+The engine runs inside this process (`distributed_executor_backend="external_launcher"`, as TRL's
+colocate mode), which is what lets `update_weights` reach the model; one process only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+from prefgym.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+VLLM_VERSIONS = ("0.17.0", "0.25.1")
+"""The vllm versions the engine supports, both included (pyproject's `vllm` extra says the same):
+those TRL's colocated engine, which makes the same calls (`LLM(..., distributed_executor_backend=
+"external_launcher")`, per-request `SamplingParams`, `model_runner.model.load_weights`,
+`reset_prefix_cache`), is tested against."""
+INSTALL = "pip install 'prefgym[vllm]'"
+ENGINES = ("hf", "vllm", "auto")
+
+
+@dataclass
+class EngineFields:
+    """Which engine samples responses (shared by `SamplingConfig` and the generating methods' configs)."""
+
+    engine: str = "hf"
+    """Who samples: hf (transformers' generate), vllm (vLLM; pip install 'prefgym[vllm]'), or auto
+    (vllm when it is installed and a CUDA device exists, else hf)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Share of the GPU's memory vLLM takes for its weights and KV cache (engine vllm; TRL's colocate
+    default, which leaves room for the models a method trains beside it)."""
+
+
+def engine_settings(cfg) -> dict:
+    """The EngineFields of `cfg` (a method's config), to build its SamplingConfig with."""
+    import dataclasses
+
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(EngineFields)}
+
+
+def check_engine_fields(cfg) -> None:
+    """ConfigError naming the key when `engine` is unknown or the memory share is not in (0, 1]."""
+    if cfg.engine not in ENGINES:
+        raise ConfigError(f"key 'engine' should be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
+    if not 0 < cfg.vllm_gpu_memory_utilization <= 1:
+        raise ConfigError("key 'vllm_gpu_memory_utilization' should be in (0, 1], got "
+                          f"{cfg.vllm_gpu_memory_utilization!r}")
+
+
+def import_vllm():
+    """The vllm module; ConfigError naming the extra when it is missing or its version unsupported."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise ConfigError(f"engine 'vllm': vllm cannot be imported ({e}); {INSTALL} on a machine with a CUDA "
+                          "GPU, or set engine: hf") from None
+    check_vllm_version(vllm.__version__)
+    return vllm
+
+
+def check_vllm_version(version: str) -> None:
+    """ConfigError when `version` is outside VLLM_VERSIONS (a local tag such as +cu129 is ignored)."""
+    from packaging.version import Version
+
+    low, high = VLLM_VERSIONS
+    release = Version(Version(version).base_version)
+    if not Version(low) <= release <= Version(high):
+        raise ConfigError(f"engine 'vllm': vllm {version} is installed, but prefgym's engine supports vllm "
+                          f"{low} to {high}; {INSTALL} installs one of those, or set engine: hf")
+
+
+def resolve_engine(engine: str) -> str:
+    """hf or vllm: `engine` itself, or for auto what this machine has (`auto_engine`)."""
+    return auto_engine() if engine == "auto" else engine
+
+
+@cache
+def auto_engine() -> str:
+    """vllm when a supported vllm is installed and a CUDA device exists, else hf; logs which, once."""
+    import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        reason = "vllm is not installed"
+    elif not torch.cuda.is_available():
+        reason = "no CUDA device"
+    else:
+        try:
+            import_vllm()
+            log.info("generation engine: vllm (engine=auto)")
+            return "vllm"
+        except ConfigError as e:
+            reason = str(e)
+    log.info("generation engine: hf (engine=auto: %s)", reason)
+    return "hf"
+
+
+class VLLMEngine:
+    """An in-process `vllm.LLM` on a model folder, sampling as `generation.generate_with_eos` does.
+
+    `tokenizer` (default: the folder's, as prefgym loads it) encodes the prompts and decodes the
+    responses; `dtype` is the weights' dtype name (float32, bfloat16, float16).
+    """
+
+    def __init__(self, model_path, dtype: str = "float32", seed: int = 0, gpu_memory_utilization: float = 0.3,
+                 max_model_len: int | None = None, tokenizer=None):
+        from prefgym.models.generation import world_size
+        from prefgym.models.loading import load_tokenizer
+
+        vllm = import_vllm()
+        if world_size() > 1:
+            raise ConfigError("engine 'vllm' runs in one process (vLLM batches the requests itself); start the "
+                              "command without accelerate launch / torchrun, or set engine: hf")
+        _single_process_rendezvous()
+        self.tokenizer = tokenizer or load_tokenizer(model_path)
+        self._sampling_params = vllm.SamplingParams
+        self.llm = vllm.LLM(model=str(model_path), dtype=dtype, seed=seed,
+                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                            distributed_executor_backend="external_launcher", generation_config="vllm")
+
+    def generate(self, prompts: Sequence[str], cfg, first_index: int = 0) -> list[list[str]]:
+        """`cfg.num_samples` responses for each prompt (`generation.generate`'s result)."""
+        return self.generate_with_eos(prompts, cfg, first_index)[0]
+
+    def generate_with_eos(self, prompts: Sequence[str], cfg, first_index: int = 0, progress: bool = False
+                          ) -> tuple[list[list[str]], list[list[bool]]]:
+        """`generation.generate_with_eos` on this engine: responses and whether each ended with EOS.
+
+        `prompts[i]` is request `first_index + i`, seeded as the HF path seeds a batch of that one
+        prompt; greedy (temperature 0) samples once and repeats the response num_samples times.
+        """
+        from prefgym.models.generation import batch_seed, check_sampling
+
+        check_sampling(cfg)
+        greedy = cfg.temperature == 0
+        n, copies = (1, cfg.num_samples) if greedy else (cfg.num_samples, 1)
+        params = [self._params(cfg, n, batch_seed(cfg.seed, first_index + i)) for i in range(len(prompts))]
+        results = self.llm.generate(self._requests(prompts), sampling_params=params, use_tqdm=progress)
+        texts, ended = [], []
+        for result in results:
+            samples = sorted(result.outputs, key=lambda o: o.index)
+            texts.append([self._decode(o.token_ids) for o in samples] * copies)
+            ended.append([o.finish_reason == "stop" for o in samples] * copies)
+        return texts, ended
+
+    def sample_token_ids(self, prompt_ids: Sequence[Sequence[int]], seeds: Sequence[int], temperature: float,
+                         max_new_tokens: int) -> list[list[int]]:
+        """One response per prompt (token ids), drawn from softmax(logits / temperature) with no
+        top-p / top-k, seeded per prompt; a response that stopped at EOS ends with it (PPO's rollouts)."""
+        eos = self.tokenizer.eos_token_id
+        params = [self._sampling_params(n=1, temperature=temperature, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                                        max_tokens=max_new_tokens, seed=seed % 2**63, stop_token_ids=[eos])
+                  for seed in seeds]
+        results = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids],
+                                    sampling_params=params, use_tqdm=False)
+        responses = []
+        for result in results:
+            out = result.outputs[0]
+            ids = list(out.token_ids)
+            if out.finish_reason == "stop" and (not ids or ids[-1] != eos):
+                ids.append(eos)  # a version that leaves the stop token out
+            responses.append(ids)
+        return responses
+
+    def update_weights(self, named_weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load `(checkpoint name, tensor)` pairs into the engine's model (`full_weights(policy)`), then
+        drop the prefix cache, whose KV entries the old weights computed."""
+        model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        model.load_weights(list(named_weights))
+        self.llm.reset_prefix_cache()
+
+    def _params(self, cfg, n: int, seed: int):
+        return self._sampling_params(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                     repetition_penalty=cfg.repetition_penalty, max_tokens=cfg.max_new_tokens,
+                                     seed=seed, stop_token_ids=[self.tokenizer.eos_token_id])
+
+    def _requests(self, prompts: Sequence[str]) -> list[dict]:
+        """vLLM token prompts: the ids prefgym's tokenizer gives (special tokens as on the HF path)."""
+        return [{"prompt_token_ids": ids} for ids in self.tokenizer(list(prompts))["input_ids"]]
+
+    def _decode(self, token_ids: Sequence[int]) -> str:
+        from prefgym.models.generation import until_eos
+
+        return self.tokenizer.decode(until_eos(list(token_ids), self.tokenizer.eos_token_id),
+                                     skip_special_tokens=True)
+
+
+_engine: tuple[tuple, VLLMEngine] | None = None
+
+
+def engine_for(model, cfg) -> VLLMEngine:
+    """The engine serving the folder `model` was loaded from, in `model`'s dtype; one engine at a
+    time, kept for the next call with the same model. It holds the folder's weights: a caller that
+    trains `model` sends them with `update_weights(full_weights(model))`."""
+    global _engine
+    key = (str(model.name_or_path), dtype_name(model.dtype), cfg.vllm_gpu_memory_utilization)
+    if _engine is None or _engine[0] != key:
+        _engine = None  # the old engine goes before the new one takes its memory
+        _engine = (key, VLLMEngine(key[0], dtype=key[1], gpu_memory_utilization=key[2]))
+    return _engine[1]
+
+
+def dtype_name(dtype) -> str:
+    """torch.bfloat16 -> "bfloat16" (vLLM's name of the dtype)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def full_weights(model) -> list[tuple[str, torch.Tensor]]:
+    """The model's weights under its checkpoint's names, as vLLM's `load_weights` takes them.
+
+    A peft model's LoRA adapters are merged in: each adapted layer's weight is base + its active
+    adapters' deltas (`get_delta_weight`: scale · B A), computed beside the model, which is left as
+    it was. (peft's merge_adapter / unmerge_adapter would round the base weights, and with them the
+    reference PPO reads with the adapters off, a little at every sync.) LoRA, not vLLM's
+    LoRARequest: no adapter files written per update, no LoRA kernels, any target module.
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.trainable_tokens import TrainableTokensLayer
+
+    if not isinstance(model, PeftModel):
+        return [(name, p.detach()) for name, p in model.named_parameters()]
+    base = model.get_base_model()
+    weights = []
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
+            for key, p in module.get_base_layer().named_parameters():
+                weights.append((f"{name}.{key}", p.detach() + delta if key == "weight" else p.detach()))
+        elif isinstance(module, TrainableTokensLayer):  # trained rows of an embedding (Quark's reward tokens)
+            weights.append((f"{name.removesuffix('.token_adapter')}.weight",
+                            module.get_merged_weights(module.active_adapters).detach()))
+    for name, p in base.named_parameters():
+        if any(part in name for part in (".base_layer.", ".lora_", ".original_module.", ".token_adapter.")):
+            continue  # adapted layers are above; a modules_to_save copy replaces its original
+        weights.append((name.replace(".modules_to_save.default.", "."), p.detach()))
+    return weights
+
+
+def _single_process_rendezvous() -> None:
+    """The variables vLLM's external launcher reads, for a single process started without a launcher."""
+    import socket
+
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
