@@ -190,6 +190,10 @@ def test_ppo_config_errors(toy_rm):
         ppo.train(ppo.PPOConfig(policy_model=str(sft), output_dir=str(root / "x")), prompts=[])
     with pytest.raises(ConfigError, match="divisible"):
         ppo.train(small_cfg(root, sft, rm, "y", num_mini_batches=3), prompts=toy_prompts(8))
+    for key in ("ppo_epochs", "steps"):  # nothing to learn from: refused before anything loads or is written
+        with pytest.raises(ConfigError, match=f"{key} must be at least 1, got 0"):
+            ppo.train(small_cfg(root, sft, rm, f"z-{key}", **{key: 0}), prompts=toy_prompts(8))
+        assert not (root / f"z-{key}").exists()
 
 
 PPO_SCRIPT = textwrap.dedent("""

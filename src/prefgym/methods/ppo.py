@@ -425,6 +425,9 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
         raise ConfigError(f"ppo: value_init must be one of {', '.join(VALUE_INITS)}, got {cfg.value_init!r}")
     if cfg.per_device_rollout_batch_size % cfg.num_mini_batches:
         raise ConfigError("ppo: per_device_rollout_batch_size must be divisible by num_mini_batches")
+    for key in ("ppo_epochs", "num_mini_batches", "per_device_rollout_batch_size", "steps"):
+        if getattr(cfg, key) < 1:  # 0 PPO epochs: rollouts that nothing learns from (and a forward pass
+            raise ConfigError(f"ppo: {key} must be at least 1, got {getattr(cfg, key)}")  # kept for no backward)
     out = Path(cfg.output_dir)
     common.check_output_dir(cfg, out / "train_config.json")
     if cfg.resume and (out / "model.safetensors").exists() and not (out / "checkpoint").exists():
