@@ -141,3 +141,48 @@ def test_hf_judge_sends_the_prompt_through_the_template(tokenizers, tmp_path):
     assert judge("auto") == "<s><|system|>\nBe fair.</s>\n<|user|>\nWhich is better?</s>\n<|assistant|>\n"
     with pytest.raises(ConfigError, match="prompt_format"):
         judge("vicuna")
+
+
+def test_a_trained_model_keeps_its_prompt_format(tmp_path, caplog):
+    """SFT with alpaca prompts on a model whose tokenizer has a chat template: the trained folder says
+    so, and `auto` (every later stage's default: reward model, PPO, generation) prompts it as trained."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from prefgym.data.prompts import PROMPT_FORMAT_KEY, recorded_prompt_format
+    from prefgym.methods.sft import SFTConfig, train_sft
+    from prefgym.models.generation import SamplingConfig, generate_outputs
+
+    chat = make_tiny_tokenizer(tmp_path / "base")
+    set_tiny_chat_template(chat)
+    chat.save_pretrained(tmp_path / "base")
+    make_tiny_model("llama", chat, tmp_path / "base")
+    untouched = AutoTokenizer.from_pretrained(tmp_path / "base")
+    assert recorded_prompt_format(untouched) is None and resolve_prompt_format(untouched, "auto") == "chat"
+
+    demos = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("cat", "dog", "sun", "red")]
+    sft = train_sft(SFTConfig(model_name_or_path=str(tmp_path / "base"), output_dir=str(tmp_path / "sft"), max_steps=1,
+                              per_device_batch_size=2, progress=False, prompt_format="alpaca"), records=demos)
+    assert json.loads((sft / "tokenizer_config.json").read_text())[PROMPT_FORMAT_KEY] == "alpaca"
+    trained = AutoTokenizer.from_pretrained(sft)
+    assert trained.chat_template and resolve_prompt_format(trained, "auto") == "alpaca"
+    assert make_prompt_formatter(trained, "auto")(RECORDS[0]) == format_record(RECORDS[0])
+
+    # generation with the default prompt_format (auto) shows the model the prompts it was trained on
+    import prefgym.models.generation as generation
+
+    seen = []
+    real_generate = generation.generate
+    generation.generate = lambda model, tok, prompts, cfg, **kw: seen.extend(prompts) or real_generate(
+        model, tok, prompts, cfg, **kw)
+    try:
+        generate_outputs(sft, RECORDS[:2], SamplingConfig(max_new_tokens=2, temperature=0.0), progress=False)
+    finally:
+        generation.generate = real_generate
+    assert seen == [format_record(r) for r in RECORDS[:2]]
+
+    # asked for another format than the recorded one: used as asked, with a warning naming both
+    with caplog.at_level(logging.WARNING, logger="prefgym"):
+        fmt = make_prompt_formatter(AutoTokenizer.from_pretrained(sft), "chat")
+    assert fmt(RECORDS[1]).startswith("<s><|user|>") and "trained on alpaca prompts" in caplog.text

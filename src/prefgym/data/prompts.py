@@ -37,25 +37,54 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def resolve_prompt_format(tokenizer, prompt_format: str = "auto") -> str:
-    """"alpaca" or "chat": "auto" is chat when the tokenizer has a chat template, else alpaca.
+PROMPT_FORMAT_KEY = "prefgym_prompt_format"
+"""Key in a model folder's tokenizer_config.json: the prompt format prefgym trained the model with."""
 
-    "chat" with a tokenizer without a template is a ConfigError.
+
+def recorded_prompt_format(tokenizer) -> str | None:
+    """The prompt format a prefgym-trained model was trained with ("alpaca" / "chat"), None when the
+    folder does not say (a model from elsewhere, or trained by an older prefgym)."""
+    fmt = (getattr(tokenizer, "init_kwargs", None) or {}).get(PROMPT_FORMAT_KEY)
+    return fmt if fmt in ("alpaca", "chat") else None
+
+
+def resolve_prompt_format(tokenizer, prompt_format: str = "auto") -> str:
+    """"alpaca" or "chat". "auto": the format the model was trained with when its folder records one
+    (see `make_prompt_formatter`), else chat when the tokenizer has a chat template, else alpaca.
+
+    "chat" with a tokenizer without a template is a ConfigError; a format other than the recorded
+    one is used as asked, with a warning (the model will see prompts unlike its training ones).
     """
     from prefgym.errors import ConfigError
 
+    recorded = recorded_prompt_format(tokenizer)
     if prompt_format == "auto":
-        return "chat" if has_chat_template(tokenizer) else "alpaca"
+        return recorded or ("chat" if has_chat_template(tokenizer) else "alpaca")
     if prompt_format == "chat" and not has_chat_template(tokenizer):
         raise ConfigError(f"prompt_format: chat, but the tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r} "
                           "has no chat template; use prompt_format: alpaca (or auto)")
     if prompt_format not in ("alpaca", "chat"):
         raise ConfigError(f"prompt_format should be auto, alpaca or chat, got {prompt_format!r}")
+    if recorded and recorded != prompt_format:
+        _warn_once(f"prompt_format {prompt_format}: the model {getattr(tokenizer, 'name_or_path', '?')!r} was "
+                   f"trained on {recorded} prompts (prompt_format auto uses them)")
     return prompt_format
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    import logging
+
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logging.getLogger("prefgym").warning(message)
+
+
 def make_prompt_formatter(tokenizer, prompt_format: str = "auto"):
-    """`record -> prompt text` for the policy, the reward model and the judges alike.
+    """`record -> prompt text` for the policy, the reward model and the judges alike. The format is
+    recorded on the tokenizer (`PROMPT_FORMAT_KEY`), so a model saved with it keeps it.
 
     alpaca: `format_record`. chat: the tokenizer's chat template with `user_turn(record)` as the
     only user message and the assistant turn opened (`add_generation_prompt=True`); the response
@@ -63,7 +92,10 @@ def make_prompt_formatter(tokenizer, prompt_format: str = "auto"):
     tokenizer prepends BOS itself and the template also starts with the BOS text, that text is
     left out of the prompt: the tokens are exactly the template's, with one BOS.
     """
-    if resolve_prompt_format(tokenizer, prompt_format) == "alpaca":
+    fmt = resolve_prompt_format(tokenizer, prompt_format)
+    if hasattr(tokenizer, "init_kwargs"):  # saved with the model: `auto` later prompts it as it was trained
+        tokenizer.init_kwargs[PROMPT_FORMAT_KEY] = fmt
+    if fmt == "alpaca":
         return format_record
     bos = _auto_bos_text(tokenizer)
 
