@@ -149,6 +149,57 @@ def test_a_field_added_to_a_config_at_its_default_is_not_a_change(tmp_path):
         plan_stages(stages, fresh)
 
 
+def test_an_upgrade_made_by_an_earlier_invocation_is_remembered_by_the_stages_after_it(tmp_path):
+    """Studies run their stages in several invocations: b upgraded in one (only a and b planned),
+    c and evaluate, done before the upgrade, are still not run again in the next."""
+    from prefgym.pipeline import StageSettings
+
+    calls = []
+    run_stages(_stages(calls), tmp_path)
+    calls.clear()
+
+    def updated():
+        stages = _stages(calls)
+        stages[1] = dataclasses.replace(stages[1], settings=StageSettings(
+            {**stages[1].settings, "ensemble_size": 1}, {"ensemble_size": 1}))
+        return stages
+
+    assert plan_stages(updated()[:2], tmp_path)[0] == {"a": "skip", "b": "upgrade"}
+    run_stages(updated()[:2], tmp_path)
+    plan, _ = plan_stages(updated(), tmp_path)
+    assert plan == {"a": "skip", "b": "skip", "c": "upgrade", "evaluate": "upgrade"}
+    run_stages(updated(), tmp_path)
+    assert calls == []
+    assert plan_stages(updated(), tmp_path)[0] == {s: "skip" for s in "a b c evaluate".split()}
+
+
+def test_a_field_added_to_a_nested_config_at_its_default_is_not_a_change(tmp_path):
+    """As above, one level down: the evaluation's `sampling` settings gained `engine` (default hf)."""
+    from prefgym.pipeline import StageSettings
+
+    calls = []
+
+    def with_sampling(sampling, defaults):
+        stages = _stages(calls)
+        stages[-1] = dataclasses.replace(stages[-1], settings={"annotators": "pool",
+                                                               "sampling": StageSettings(sampling, defaults)})
+        return stages
+
+    run_stages(with_sampling({"temperature": 0.7}, {"temperature": 0.7}), tmp_path)
+    calls.clear()
+    now = {"temperature": 0.7, "engine": "hf"}
+    plan, _ = plan_stages(with_sampling(now, {"temperature": 0.7, "engine": "hf"}), tmp_path)
+    assert plan["evaluate"] == "upgrade"
+    run_stages(with_sampling(now, {"temperature": 0.7, "engine": "hf"}), tmp_path)
+    assert calls == [] and plan_stages(with_sampling(now, {"engine": "hf"}), tmp_path)[0]["evaluate"] == "skip"
+    fresh = tmp_path / "fresh"
+    run_stages(with_sampling({"temperature": 0.7}, {}), fresh)
+    with pytest.raises(ConfigError, match=r"stage evaluate was made with other settings"):
+        plan_stages(with_sampling({"temperature": 0.7, "engine": "vllm"}, {"engine": "hf"}), fresh)
+    with pytest.raises(ConfigError, match=r"stage evaluate was made with other settings"):  # not a default: a change
+        plan_stages(with_sampling({"temperature": 0.9, "engine": "hf"}, {"engine": "hf"}), fresh)
+
+
 def test_a_marker_without_settings_is_not_trusted(tmp_path):
     (tmp_path / ".done").mkdir()
     (tmp_path / ".done" / "a").write_text("12.5\n")  # as written before fingerprints

@@ -181,9 +181,11 @@ def run_stages(stages: list[Stage], out_dir: Path, console=None, overwrite: bool
     for i, stage in enumerate(stages):
         if plan[stage.name] == "upgrade":  # done: only fields added since, at their defaults, are new
             record = _read_record(out_dir, stage.name) or {}
+            previous = [*record.get("previous", []), record.get("fingerprint")]  # what later stages may know it as
             write_json(_record_path(out_dir, stage.name), {**record, "fingerprint": fingerprints[stage.name],
                                                            "settings": _as_json(stage.settings),
-                                                           "after": {n: fingerprints[n] for n in stage.after}})
+                                                           "after": {n: fingerprints[n] for n in stage.after},
+                                                           "previous": [fp for fp in previous if fp]})
         if plan[stage.name] in ("skip", "upgrade"):
             console.print(f"[dim]stage {i + 1}/{len(stages)} {stage.name}: done already, skipped[/dim]")
             remaining -= stage.weight
@@ -235,12 +237,15 @@ def plan_stages(stages: list[Stage], out_dir: Path, overwrite: bool = False) -> 
             continue
         if stage.settings is None or record.get("fingerprint") == fingerprints[stage.name]:
             plan[stage.name] = "skip"
+            # upgraded by an earlier invocation: stages done before that still know it by its old fingerprints
+            now_known_as.update({fp: fingerprints[stage.name] for fp in record.get("previous", [])})
             continue
-        old = with_new_fields(record.get("settings"), settings, getattr(stage.settings, "defaults", {}))
+        old = with_new_fields(record.get("settings"), settings, stage.settings)
         old_after = {name: now_known_as.get(fp, fp) for name, fp in (record.get("after") or {}).items()}
         if old == settings and old_after == after and "fingerprint" in record:
             plan[stage.name] = "upgrade"
-            now_known_as[record["fingerprint"]] = fingerprints[stage.name]
+            for fp in (record["fingerprint"], *record.get("previous", [])):
+                now_known_as[fp] = fingerprints[stage.name]
         elif old == settings or overwrite:
             plan[stage.name] = "redo"
         else:
@@ -258,12 +263,21 @@ class StageSettings(dict):
         self.defaults = defaults or {}
 
 
-def with_new_fields(recorded: Any, settings: dict[str, Any], defaults: dict[str, Any]) -> Any:
-    """A record's settings plus each key it lacks that the stage's settings now have at its default."""
+def with_new_fields(recorded: Any, settings: Any, source: Any) -> Any:
+    """A record's settings plus each key it lacks that the stage's settings now have at its default,
+    at any depth: `settings` is the stage's settings as JSON, `source` the same settings as built,
+    whose `StageSettings` (a config's fields, e.g. the evaluation's `sampling`) know the defaults."""
     if not isinstance(recorded, dict) or not isinstance(settings, dict):
         return recorded
-    return {**recorded, **{k: v for k, v in settings.items()
-                           if k not in recorded and k in defaults and _as_json(defaults[k]) == v}}
+    defaults = getattr(source, "defaults", {})
+    out = dict(recorded)
+    for key, value in settings.items():
+        if key not in recorded:
+            if key in defaults and _as_json(defaults[key]) == value:
+                out[key] = value
+        elif isinstance(recorded[key], dict) and isinstance(value, dict):
+            out[key] = with_new_fields(recorded[key], value, source.get(key) if isinstance(source, dict) else None)
+    return out
 
 
 def config_defaults(config) -> dict[str, Any]:
@@ -561,10 +575,15 @@ class Pipeline:
             return read_records(where)
         path = self.out / tag / "eval" / generator / "model_outputs.json"
         stage = "sft" if generator == "sft" else f"{tag}/{generator}"
-        key = _as_json({"model": (_read_record(self.out, stage) or {}).get("fingerprint"),
-                        "sampling": self.fingerprint_settings(self.sampling())})
+        built = {"model": (_read_record(self.out, stage) or {}).get("fingerprint"),
+                 "sampling": self.fingerprint_settings(self.sampling())}
+        key = _as_json(built)
         key_file = path.with_name("outputs_key.json")
-        if not (path.exists() and key_file.exists() and json.loads(key_file.read_text()) == key):
+        old_key = json.loads(key_file.read_text()) if path.exists() and key_file.exists() else None
+        if old_key is not None and old_key != key and with_new_fields(old_key, key, built) == key:
+            write_json(key_file, key)  # written before sampling fields were added, at their defaults: same outputs
+            old_key = key
+        if old_key != key:
             rows = generate_conditioned_outputs(model_dir, eval_records, self.sampling(), generator=generator,
                                                 progress=True)
             write_json(path, rows)
