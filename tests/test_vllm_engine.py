@@ -378,3 +378,26 @@ def test_preference_data_samples_with_its_engine(tiny, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):
         preference_data.run(cfg, records=[{"instruction": "Add 3 and 4."}])
     assert (seen[0].engine, seen[0].vllm_gpu_memory_utilization) == ("vllm", 0.6)
+
+
+def test_evaluate_cli_engine(tiny, fake_vllm, tmp_path, capsys):
+    """`prefgym evaluate --model M --engine vllm` judges the outputs the engine wrote: those of the
+    HF path with one prompt per batch (the same records, so the same win-rate)."""
+    from prefgym.cli import main
+
+    reference = tmp_path / "reference.json"
+    reference.write_text(json.dumps([{"instruction": i, "input": "", "output": "seven", "generator": "reference"}
+                                     for i in ("Add 3 and 4.", "List two colors.", "Name a tool.")]))
+    common = ["--model", str(tiny[0]), "--reference", str(reference), "--max-new-tokens", "5",
+              "--annotators", "world_pool"]
+    assert main(["evaluate", *common, "--engine", "vllm", "-o", str(tmp_path / "v")]) == 0
+    assert len(fake_vllm.LLM.instances) == 1
+    engine_rows = json.loads((tmp_path / "v" / "model_outputs.json").read_text())
+    from prefgym.models.generation import SamplingConfig, generate_outputs
+
+    hf_rows = generate_outputs(tiny[0], json.loads(reference.read_text()),
+                               SamplingConfig(max_new_tokens=5, seed=0, batch_size=1), generator=tiny[0].name)
+    assert [r["output"] for r in engine_rows] == [r["output"] for r in hf_rows]
+    capsys.readouterr()
+    assert main(["evaluate", *common, "--engine", "nope"]) == 2
+    assert "engine" in capsys.readouterr().err

@@ -29,6 +29,8 @@ def add_commands(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Durable cache of annotations."),
         max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="With --model: generation length."),
+        engine: str = typer.Option("hf", "--engine", help="With --model: hf (transformers), vllm (in-process "
+                                   "vLLM, `pip install 'prefgym[vllm]'`) or auto (vllm when installed with a GPU)."),
         gold: bool = typer.Option(False, "--gold", help="Also report the built-in world's gold win-rate."),
     ):
         """Win-rate of a model against the reference outputs, judged by the evaluation annotators.
@@ -47,7 +49,7 @@ def add_commands(app: typer.Typer) -> None:
             from prefgym.io import read_records
             from prefgym.models.generation import SamplingConfig, generate_outputs, is_main_process, world_size
 
-            sampling = SamplingConfig(max_new_tokens=max_new_tokens, seed=seed)
+            sampling = SamplingConfig(max_new_tokens=max_new_tokens, seed=seed, engine=engine)
             if world_size() > 1:  # several processes share the generation; the main one judges and writes
                 model_outputs = generate_outputs(model, read_records(reference), sampling,
                                                  generator=generator or model.name)
