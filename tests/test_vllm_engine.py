@@ -360,6 +360,9 @@ def test_expert_iteration_passes_the_engine_to_best_of_n(monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):
         expert_iteration.train(cfg)
     assert (seen[0].engine, seen[0].vllm_gpu_memory_utilization) == ("auto", 0.5)
+    # the SFT model samples the prompts split; the output goes into the expert iteration's folder
+    assert (seen[0].policy_model, seen[0].reward_model, seen[0].data, seen[0].split) == ("m", "r", "p", "unlabeled")
+    assert seen[0].output_file == str(Path(cfg.output_dir) / expert_iteration.BEST_OF_N_FILE)
 
 
 def test_preference_data_samples_with_its_engine(tiny, tmp_path, monkeypatch):

@@ -415,7 +415,7 @@ class Pipeline:
         from prefgym.methods.common import NULL, load_config
 
         given = self.cfg.stages.get(stage, {})
-        values = {k: NULL if v is None and given.get(k, 0) is None and k not in fixed else v
+        values = {k: NULL if k in given and given[k] is None and k not in fixed else v
                   for k, v in self.settings(stage, **fixed).items()}  # `field: null` in stages: sets None
         return load_config(cls, None, values, where=f"stages.{stage}")
 

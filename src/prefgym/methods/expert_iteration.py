@@ -9,6 +9,7 @@ the SFT model on the chosen outputs. Both steps are the ordinary ones (`best_of_
 from __future__ import annotations
 
 import os
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -56,10 +57,17 @@ class ExpertIterationConfig(RewardEnsembleFields, GenerationFields, SFTConfig):
     """Use only the first this many instructions; -1: all."""
 
 
+def best_of_n_config(cfg: ExpertIterationConfig, output_file: Path) -> BestOfNConfig:
+    """The best-of-n step's config: every field the two configs share (sampling, reward ensemble,
+    engine, model loading, seed, ...) as set here; the SFT model samples the prompts."""
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(BestOfNConfig) if hasattr(cfg, f.name)}
+    return BestOfNConfig(**{**shared, "policy_model": cfg.model_name_or_path, "data": cfg.prompts_file,
+                            "split": cfg.prompts_split, "output_file": str(output_file)})
+
+
 def train(cfg: ExpertIterationConfig) -> Path:
     """Best-of-n on `prompts_file`, then SFT of `model_name_or_path` on the chosen outputs; returns the output dir."""
     from prefgym.io import read_records
-    from prefgym.models.vllm_engine import engine_settings
 
     for key in ("model_name_or_path", "reward_model", "prompts_file"):
         if not getattr(cfg, key):
@@ -70,14 +78,7 @@ def train(cfg: ExpertIterationConfig) -> Path:
     # 1. Best-of-n outputs of the SFT policy. Several processes share the sampling and scoring
     #    (`best_of_n.run` writes on the main process; all return once the file is there).
     _accelerator(cfg.mixed_precision)  # the process state `train_sft` uses next
-    run_best_of_n(BestOfNConfig(
-        policy_model=cfg.model_name_or_path, reward_model=cfg.reward_model, data=cfg.prompts_file,
-        split=cfg.prompts_split, output_file=str(chosen_file), n=cfg.n, temperature=cfg.temperature,
-        top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, missing_eos_penalty=cfg.missing_eos_penalty,
-        generation_batch_size=cfg.generation_batch_size, max_examples=cfg.max_examples, seed=cfg.seed,
-        resume=cfg.resume, progress=cfg.progress, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-        prompt_format=cfg.prompt_format, reward_ensemble=cfg.reward_ensemble, uwo_coef=cfg.uwo_coef,
-        **engine_settings(cfg)))
+    run_best_of_n(best_of_n_config(cfg, chosen_file))
 
     # 2. SFT of the SFT model on them.
     records = [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]}

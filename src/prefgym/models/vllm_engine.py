@@ -140,10 +140,6 @@ class VLLMEngine:
                             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                             distributed_executor_backend="external_launcher", generation_config="vllm")
 
-    def generate(self, prompts: Sequence[str], cfg, first_index: int = 0) -> list[list[str]]:
-        """`cfg.num_samples` responses for each prompt (`generation.generate`'s result)."""
-        return self.generate_with_eos(prompts, cfg, first_index)[0]
-
     def generate_with_eos(self, prompts: Sequence[str], cfg, first_index: int = 0, progress: bool = False
                           ) -> tuple[list[list[str]], list[list[bool]]]:
         """`generation.generate_with_eos` on this engine: responses and whether each ended with EOS.
