@@ -221,3 +221,28 @@ def test_generate_command_under_two_processes_asks_each_request_once(fake, tmp_p
     assert [r["output"] for r in rows] == [FakeServer.text_for(format_record(r), request_seed(3, i, 0))
                                           for i, r in enumerate(RECORDS[:5])]
     assert len(fake.requests) == 5, [r["body"]["prompt"][-20:] for r in fake.requests]
+
+
+def test_a_command_ends_the_process_group_it_ran_in(fake, tmp_path):
+    """Generation commands share work through the process group without ending it as training
+    does; `main` ends it after the command, so no gloo group is left to interpreter shutdown."""
+    import socket
+
+    import torch.distributed as dist
+
+    from prefgym.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        data = tmp_path / "instructions.json"
+        data.write_text(json.dumps(RECORDS[:2]))
+        argv = ["generate", "--backend", "openai", "--base-url", fake.url, "--served-model", "smollm2",
+                "--data", str(data), "--out", str(tmp_path / "o.json"), "--no-progress"]
+        assert main(argv) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

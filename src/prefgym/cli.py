@@ -84,9 +84,22 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _fail(f"{e.filename}: cannot write ({e.strerror})")
     code = result if isinstance(result, int) and not isinstance(result, bool) else 0  # typer.Exit(n) -> n
+    if code == 0:
+        _end_process_group()
     if code == INTERRUPTED:
         typer.secho("interrupted; rerun to resume", err=True)
     return code
+
+
+def _end_process_group() -> None:
+    """After a command that shared its work across processes without ending their group (generation
+    under `accelerate launch`; training commands end theirs): every process ends it here together.
+    A gloo group left to interpreter shutdown can abort the process ("terminate called without an
+    active exception") or hang there."""
+    torch = sys.modules.get("torch")  # not imported: no group (and `prefgym --help` stays fast)
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _fail(message: str, code: int = USAGE_ERROR) -> int:
