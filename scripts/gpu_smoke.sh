@@ -112,12 +112,23 @@ stage reward-model reward-model --model "$OUT/sft" --preferences "$OUT/pairs/pre
   --set epochs=1 "${BF16[@]}"
 stage ppo ppo --policy "$OUT/sft" --reward-model "$OUT/rm" --prompts "$OUT/world/data/unlabeled.json" \
   --out "$OUT/ppo" --steps "$STEPS" "${BF16[@]}"
+stage best-of-n best-of-n --policy "$OUT/sft" --reward-model "$OUT/rm" --data "$OUT/world/data/eval.json" \
+  --out "$OUT/bon_outputs.json" --n 4 --max-examples 64 --max-new-tokens 128 "${BF16[@]}"
 stage generate generate --model "$OUT/ppo" --data "$OUT/world/data/eval.json" --out "$OUT/ppo_outputs.json" \
   --max-instances 128 --max-new-tokens 128 --no-progress
 stage evaluate evaluate "$OUT/ppo_outputs.json" --reference "$OUT/world/data/eval.json" --output-dir "$OUT/eval"
 
-# The same generation through vLLM's OpenAI-compatible server, when vLLM is installed.
+# With vLLM installed: the same stages sampling on the in-process engine (engine=vllm: PPO's
+# rollouts with the policy's weights synced each step, best-of-n, generation), then generation
+# through vLLM's OpenAI-compatible server.
 if [[ $DRY_RUN == 1 ]] || "$PYTHON" -c "import vllm" 2>/dev/null; then
+  VLLM=(--set engine=vllm)
+  stage ppo-vllm ppo --policy "$OUT/sft" --reward-model "$OUT/rm" --prompts "$OUT/world/data/unlabeled.json" \
+    --out "$OUT/ppo_vllm" --steps "$STEPS" "${BF16[@]}" "${VLLM[@]}"
+  stage best-of-n-vllm best-of-n --policy "$OUT/sft" --reward-model "$OUT/rm" --data "$OUT/world/data/eval.json" \
+    --out "$OUT/bon_vllm_outputs.json" --n 4 --max-examples 64 --max-new-tokens 128 "${BF16[@]}" "${VLLM[@]}"
+  stage generate-vllm-engine generate --backend vllm --model "$OUT/ppo" --data "$OUT/world/data/eval.json" \
+    --out "$OUT/ppo_vllm_engine_outputs.json" --max-instances 128 --max-new-tokens 128 --no-progress
   PORT=${VLLM_PORT:-8011}
   if [[ $DRY_RUN == 1 ]]; then
     echo "[vllm-serve] vllm serve $OUT/ppo --served-model-name ppo --port $PORT --dtype bfloat16 (when vllm is installed)"

@@ -25,9 +25,14 @@ def test_dry_run_lists_every_stage_and_the_cli_accepts_them(tmp_path):
     result = dry_run(SCRIPT, tmp_path)
     assert result.returncode == 0, result.stderr
     stages = [line.split("]")[0].lstrip("[") for line in result.stdout.splitlines() if line.startswith("[")]
-    assert stages == ["import-gguf", "world", "sft", "preference-data", "reward-model", "ppo", "generate", "evaluate",
-                      "vllm-serve", "generate-vllm", "evaluate-vllm"]
+    assert stages == ["import-gguf", "world", "sft", "preference-data", "reward-model", "ppo", "best-of-n", "generate",
+                      "evaluate", "ppo-vllm", "best-of-n-vllm", "generate-vllm-engine", "vllm-serve", "generate-vllm",
+                      "evaluate-vllm"]
     assert "dtype=bfloat16" in result.stdout and "--dtype bfloat16" in result.stdout
+    lines = {line.split("]")[0].lstrip("["): line for line in result.stdout.splitlines() if line.startswith("[")}
+    for stage in ("ppo-vllm", "best-of-n-vllm"):  # the in-process engine, in bf16
+        assert "--set engine=vllm" in lines[stage] and "dtype=bfloat16" in lines[stage]
+    assert "--backend vllm" in lines["generate-vllm-engine"]
     assert not (tmp_path / "smoke").exists()  # a dry run writes nothing
 
 
