@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,22 @@ def test_every_command_says_what_it_writes():
     assert {"run", "sft", "ppo", "dpo", "annotate", "leaderboard", "world build", "world info"} <= set(commands)
     silent = [name for name, command in commands.items() if "writes" not in (command.help or "").lower()]
     assert not silent, f"help of {silent} does not say what the command writes (or 'writes nothing')"
+
+
+RICH_TAG = re.compile(r"(?<!\\)\[[a-z#/@][^\[]*?\]")
+"""What rich's markup takes for a style tag and drops from the help (`pip install 'prefgym[vllm]'`
+shows as `pip install 'prefgym'`): a bracket not escaped as `\\[`."""
+
+
+def test_no_help_text_loses_a_bracket_to_rich_markup():
+    commands = dict(_leaf_commands(typer.main.get_command(_build_app())))
+    for module in METHOD_MODULES:  # the real commands behind the lazy stand-ins
+        commands.update({name: real_command(module, name) for name, _ in declared_commands(module)})
+    eaten = [(name, match) for name, command in commands.items()
+             for text in [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+             for match in RICH_TAG.findall(text)]
+    assert not eaten, f"help text rich would render without these brackets (escape them as \\[): {eaten}"
+    assert RICH_TAG.findall("pip install 'prefgym[vllm]'") and not RICH_TAG.findall("pip install 'prefgym\\[vllm]'")
 
 
 def test_lazy_method_commands_match_the_modules():

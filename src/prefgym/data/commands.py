@@ -50,7 +50,7 @@ def add_commands(app: typer.Typer) -> None:
         max_instances: Optional[int] = typer.Option(None, help="Only the first N instructions."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
         backend: str = typer.Option("hf", help="hf: load --model here; vllm: sample --model on an in-process vLLM "
-                                    "engine (pip install 'prefgym[vllm]'); openai: ask an OpenAI-compatible server "
+                                    "engine (pip install 'prefgym\\[vllm]'); openai: ask an OpenAI-compatible server "
                                     "(vllm serve, llama.cpp, sglang) at --base-url."),
         base_url: Optional[str] = typer.Option(None, help="--backend openai: the server's API root, e.g. http://localhost:8000/v1."),
         served_model: Optional[str] = typer.Option(None, help="--backend openai: the model name the server serves."),

@@ -30,7 +30,7 @@ def add_commands(app: typer.Typer) -> None:
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Durable cache of annotations."),
         max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="With --model: generation length."),
         engine: str = typer.Option("hf", "--engine", help="With --model: hf (transformers), vllm (in-process "
-                                   "vLLM, `pip install 'prefgym[vllm]'`) or auto (vllm when installed with a GPU)."),
+                                   "vLLM, `pip install 'prefgym\\[vllm]'`) or auto (vllm when installed with a GPU)."),
         gold: bool = typer.Option(False, "--gold", help="Also report the built-in world's gold win-rate."),
     ):
         """Win-rate of a model against the reference outputs, judged by the evaluation annotators.

@@ -15,7 +15,7 @@ def add_commands(app: typer.Typer) -> None:
     @models_app.command("import-gguf")
     def import_gguf_command(
         source: str = typer.Argument(..., help="A .gguf file, or 'smollm2' for the SmolLM2-135M-Instruct "
-                                               "file that prefgym[smollm2] installs."),
+                                               "file that prefgym\\[smollm2] installs."),
         out: Path = typer.Option(..., "--out", help="Folder to write (must not exist or be empty)."),
         dtype: str = typer.Option("float32", help="Dtype to store the dequantised weights in: float32 or bfloat16."),
     ) -> None:
