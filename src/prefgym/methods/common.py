@@ -18,7 +18,7 @@ import time
 import types
 import typing
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -579,6 +579,43 @@ def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int, pad_token_
     return ids, mask, has_eos
 
 
+def rollout_engine(cfg, policy, tokenizer):
+    """The vLLM engine a training loop samples its rollouts on (`cfg.engine` vllm, or auto on a
+    machine with vLLM and a GPU), started once per run from `cfg.policy_model` (with LoRA the base
+    folder the policy was loaded from) in the policy's dtype; None: the HF sampler."""
+    from prefgym.models import vllm_engine
+
+    if vllm_engine.resolve_engine(cfg.engine) != "vllm":
+        return None
+    return vllm_engine.VLLMEngine(cfg.policy_model, dtype=vllm_engine.dtype_name(unwrap_peft(policy).dtype),
+                                  seed=cfg.seed, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                                  max_model_len=cfg.max_prompt_length + cfg.max_new_tokens, tokenizer=tokenizer)
+
+
+def sample_rollout(engine, policy, tokenizer, prompts: Sequence[str], *, seeds: Sequence[int], temperature: float,
+                   max_new_tokens: int, max_prompt_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sample_responses` of `policy`, on `engine` when there is one (`rollout_engine`, else None).
+
+    On the engine, the policy's current weights go to it first (`full_weights`: LoRA merged in), then
+    one response per prompt from softmax(logits / T), seeded per prompt by `seeds`. The same tensors
+    as the HF sampler: left-padded query ids and mask (B, P), response ids (B, R) padded after EOS.
+    """
+    kw = dict(seeds=seeds, temperature=temperature, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length)
+    if engine is None:
+        return sample_responses(policy, tokenizer, prompts, **kw)
+    from prefgym.models.vllm_engine import full_weights
+
+    device = next(policy.parameters()).device
+    engine.update_weights(full_weights(policy))
+    query_ids, query_mask = encode_prompts(tokenizer, prompts, max_prompt_length, device)
+    responses = engine.sample_token_ids([ids[m.bool()].tolist() for ids, m in zip(query_ids, query_mask)], seeds,
+                                        temperature, max_new_tokens)
+    response_ids = torch.full((len(responses), max(map(len, responses))), tokenizer.pad_token_id, device=device)
+    for row, ids in zip(response_ids, responses):
+        row[:len(ids)] = torch.tensor(ids, device=device)
+    return query_ids, query_mask, response_ids
+
+
 def missing_eos_scores(scores, has_eos, penalty: float | None):
     """The one rule for responses cut off at max_new_tokens, shared by every sampling method.
 
@@ -673,13 +710,41 @@ class CheckpointSchedule:
         return True
 
 
+_process_group_kept = False
+
+
 def end_training(accelerator) -> None:
     """End Accelerate's training and destroy the process group explicitly: gloo left to
-    interpreter shutdown can hang there (two CPU processes on a loaded machine)."""
+    interpreter shutdown can hang there (two CPU processes on a loaded machine). Inside
+    `process_group_kept()` the group stays up for the next training of the same launch (only
+    the trackers end: Accelerate's own end_training destroys the group)."""
+    if _process_group_kept:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+        return
     accelerator.end_training()
+    end_process_group()
+
+
+def end_process_group() -> None:
+    """Wait for every process, then destroy the process group (nothing when there is none)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        accelerator.wait_for_everyone()
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+@contextmanager
+def process_group_kept():
+    """Several trainings in one launch (a reward-model ensemble's members, one after another):
+    inside, `end_training` leaves the process group up; it ends when the block ends without an
+    error (after one, a process may be alone in the block, so nothing waits for the others)."""
+    global _process_group_kept
+    _process_group_kept = True
+    try:
+        yield
+    finally:
+        _process_group_kept = False
+    end_process_group()
 
 
 def drop_metrics_after(metrics_file: Path, step: int) -> None:

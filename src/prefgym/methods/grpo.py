@@ -40,7 +40,7 @@ ADVANTAGE_EPS = 1e-4
 
 
 @dataclass
-class GRPOConfig(fields.RewardEnsembleFields, fields.TrainFields, fields.LoraFields):
+class GRPOConfig(fields.RewardEnsembleFields, fields.GenerationFields, fields.TrainFields, fields.LoraFields):
     policy_model: str = ""
     """SFT model folder (or hub name): the starting policy and the frozen reference."""
     reward_model: str = ""
@@ -92,6 +92,8 @@ class GRPOConfig(fields.RewardEnsembleFields, fields.TrainFields, fields.LoraFie
     """Checkpoint (policy, optimizer, RNG, step) every this many steps."""
     resume: bool = True
     """Continue from the checkpoint in output_dir if there is one."""
+    # engine (GenerationFields): vllm samples the groups on a vLLM engine that gets the policy's weights
+    # before each rollout (RLOO's loop); the log-probs are still the policy's forward pass.
 
 
 # ---------------------------------------------------------------------------------------------

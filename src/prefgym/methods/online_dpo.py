@@ -6,8 +6,9 @@ the policy being trained: each of `rounds` rounds
   1. takes the round's `pairs_per_round` prompts (a seeded permutation of the prompts, epoch by
      epoch),
   2. samples two responses to each from the CURRENT policy (the policy after the previous round),
-     with the same on-policy sampler as RLOO, GRPO and PPO (`common.sample_responses`: exactly
-     softmax(logits / temperature), seeded per round, prompt and sample; responses cut after EOS),
+     with the same on-policy sampler as RLOO, GRPO and PPO (`common.sample_rollout`: exactly
+     softmax(logits / temperature), seeded per round, prompt and sample; responses cut after EOS;
+     on the vLLM engine with `engine: vllm`, which gets the policy's weights first),
   3. has the annotators label the pairs of distinct responses (`annotate_pairs`: the pool, its
      durable cache and its price and time per label, as `prefgym preference-data`; a pair of two
      identical responses is a tie that costs nothing and is not asked),
@@ -41,7 +42,7 @@ from prefgym.seeding import rng_for, seed_everything, stable_hash
 
 
 @dataclass
-class OnlineDPOConfig(fields.TrainFields, fields.LoraFields):
+class OnlineDPOConfig(fields.GenerationFields, fields.TrainFields, fields.LoraFields):
     policy_model: str = ""
     """SFT model folder (or hub name): the starting policy and the frozen reference."""
     prompt_file: str = ""
@@ -88,6 +89,8 @@ class OnlineDPOConfig(fields.TrainFields, fields.LoraFields):
     """Seed of prompt order, sampling, annotators and batches."""
     resume: bool = True
     """Continue from the checkpoint (written after each round) in output_dir if there is one."""
+    # engine (GenerationFields): vllm samples each round's pairs on a vLLM engine that gets the policy's
+    # weights before each round's sampling; the DPO steps are unchanged.
 
 
 def _check(cfg: OnlineDPOConfig) -> None:
@@ -122,14 +125,15 @@ def round_rows(seed: int, round_index: int, pairs_per_round: int, n_prompts: int
 
 @torch.no_grad()
 def sample_pairs(policy, tokenizer, prompts: list[dict], prompt_texts: list[str], rows: list[int],
-                 cfg: OnlineDPOConfig, round_index: int) -> list[dict]:
+                 cfg: OnlineDPOConfig, round_index: int, engine=None) -> list[dict]:
     """Two responses from `policy` to each prompt `rows`, as pair records (instruction, input, output_1,
-    output_2, round); sample j of prompt i is seeded by (seed, round, i, j)."""
+    output_2, round); sample j of prompt i is seeded by (seed, round, i, j). `engine`: the vLLM engine
+    to sample on, which gets the policy's weights first (`common.rollout_engine`; None: HF)."""
     texts = [prompt_texts[i] for i in rows for _ in range(2)]
     seeds = [stable_hash(cfg.seed, "online-dpo-sample", round_index, i, j) for i in rows for j in range(2)]
-    _, _, response_ids = common.sample_responses(policy, tokenizer, texts, seeds=seeds, temperature=cfg.temperature,
-                                                 max_new_tokens=cfg.max_new_tokens,
-                                                 max_prompt_length=cfg.max_prompt_length)
+    _, _, response_ids = common.sample_rollout(engine, policy, tokenizer, texts, seeds=seeds,
+                                               temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                               max_prompt_length=cfg.max_prompt_length)
     response_ids, _, _ = common.truncate_after_eos(response_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
     outs = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
     return [{"instruction": prompts[i]["instruction"], "input": prompts[i].get("input") or "",
@@ -208,6 +212,7 @@ def train(cfg: OnlineDPOConfig, prompts: list[dict] | None = None) -> Path:
     if not prompts:
         raise DataError("no prompts to sample pairs for", path=cfg.prompt_file or None)
     tokenizer, policy, reference = load_policy_and_reference(cfg, with_reference=True)
+    engine = common.rollout_engine(cfg, policy, tokenizer)  # None: the HF sampler
     fmt = make_prompt_formatter(tokenizer, cfg.prompt_format)
     prompt_texts = [fmt(p) for p in prompts]
     model = dpo.PairLogps(policy)
@@ -239,7 +244,8 @@ def train(cfg: OnlineDPOConfig, prompts: list[dict] | None = None) -> Path:
         for r in range(start_round, cfg.rounds):
             # 1-3. The round's pairs, sampled from the current policy, and their labels.
             rows = round_rows(cfg.seed, r, cfg.pairs_per_round, len(prompts))
-            pairs = sample_pairs(accelerator.unwrap_model(model).model, tokenizer, prompts, prompt_texts, rows, cfg, r)
+            pairs = sample_pairs(accelerator.unwrap_model(model).model, tokenizer, prompts, prompt_texts, rows, cfg, r,
+                                 engine=engine)
             labelled, account = label_pairs(pairs, cfg, out / "annotation_cache")
             for row in labelled:
                 append_jsonl(out / "pairs.jsonl", {**row, "round": r})

@@ -333,35 +333,6 @@ def _load_models(cfg: PPOConfig):
     return tokenizer, PolicyAndValue(policy, value_model), reference, scorer
 
 
-def _rollout_engine(cfg: PPOConfig, policy, tokenizer):
-    """The vLLM engine that samples the rollouts (`cfg.engine` vllm, or auto on a machine with vLLM
-    and a GPU), started from the policy's folder in the policy's dtype; None: the HF sampler."""
-    from prefgym.models import vllm_engine
-
-    if vllm_engine.resolve_engine(cfg.engine) != "vllm":
-        return None
-    return vllm_engine.VLLMEngine(cfg.policy_model, dtype=vllm_engine.dtype_name(common.unwrap_peft(policy).dtype),
-                                  seed=cfg.seed, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                                  max_model_len=cfg.max_prompt_length + cfg.max_new_tokens, tokenizer=tokenizer)
-
-
-def _engine_rollout(engine, policy, tokenizer, prompts: list[str], seeds: list[int], cfg: PPOConfig, device
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`common.sample_responses` on the vLLM engine: first the policy's current weights go to the
-    engine, then one response per prompt from softmax(logits / T). Same tensors: left-padded
-    query ids and mask (B, P), response ids (B, R) padded after EOS."""
-    from prefgym.models.vllm_engine import full_weights
-
-    engine.update_weights(full_weights(policy))
-    query_ids, query_mask = common.encode_prompts(tokenizer, prompts, cfg.max_prompt_length, device)
-    responses = engine.sample_token_ids([ids[m.bool()].tolist() for ids, m in zip(query_ids, query_mask)], seeds,
-                                        cfg.temperature, cfg.max_new_tokens)
-    response_ids = torch.full((len(responses), max(map(len, responses))), tokenizer.pad_token_id, device=device)
-    for row, ids in zip(response_ids, responses):
-        row[:len(ids)] = torch.tensor(ids, device=device)
-    return query_ids, query_mask, response_ids
-
-
 def _lora_value_model(member, cfg: PPOConfig):
     """With LoRA, the value model is the reward model's own frozen trunk (`member`, the ensemble's
     member-0) with adapters and a trainable copy of its score head (peft keeps the head as trained
@@ -438,7 +409,7 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
     if prompts is None:
         prompts = common.load_split(cfg.prompt_file, ("instruction",))
     tokenizer, model, reference, scorer = _load_models(cfg)
-    engine = _rollout_engine(cfg, model.policy, tokenizer)
+    engine = common.rollout_engine(cfg, model.policy, tokenizer)  # None: the HF sampler
     prompt_texts = [make_prompt_formatter(tokenizer, cfg.prompt_format)(p) for p in prompts]
     scorer.to(accelerator.device)
     if reference is not None:
@@ -475,14 +446,9 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
             # 2. Sample one response per prompt (seeded per global row: same on 1 or N processes); on the
             #    vLLM engine, once it holds the policy's weights as the last update left them.
             seeds = [stable_hash(cfg.seed, "ppo-sample", step, k * global_batch + rank * B + i) for i in range(B)]
-            if engine is None:
-                query_ids, query_mask, response_ids = common.sample_responses(
-                    unwrapped.policy, tokenizer, [prompt_texts[i] for i in rows], seeds=seeds,
-                    temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                    max_prompt_length=cfg.max_prompt_length)
-            else:
-                query_ids, query_mask, response_ids = _engine_rollout(
-                    engine, unwrapped.policy, tokenizer, [prompt_texts[i] for i in rows], seeds, cfg, device)
+            query_ids, query_mask, response_ids = common.sample_rollout(
+                engine, unwrapped.policy, tokenizer, [prompt_texts[i] for i in rows], seeds=seeds,
+                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, max_prompt_length=cfg.max_prompt_length)
 
             # 3. Truncate after the first EOS.
             response_ids, response_mask, has_eos = common.truncate_after_eos(

@@ -42,7 +42,7 @@ from prefgym.seeding import rng_for, seed_everything, stable_hash
 
 
 @dataclass
-class RLOOConfig(fields.RewardEnsembleFields, fields.TrainFields, fields.LoraFields):
+class RLOOConfig(fields.RewardEnsembleFields, fields.GenerationFields, fields.TrainFields, fields.LoraFields):
     policy_model: str = ""
     """SFT model folder (or hub name): the starting policy and the frozen reference."""
     reward_model: str = ""
@@ -89,6 +89,8 @@ class RLOOConfig(fields.RewardEnsembleFields, fields.TrainFields, fields.LoraFie
     """Checkpoint (policy, optimizer, RNG, step) every this many steps."""
     resume: bool = True
     """Continue from the checkpoint in output_dir if there is one."""
+    # engine (GenerationFields): vllm samples the rollouts on a vLLM engine that gets the policy's weights
+    # before each rollout; the log-probs are still the policy's forward pass, so the algorithm is unchanged.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,15 +150,16 @@ def response_token_logps(model, ids, mask, P: int, temperature: float) -> torch.
 @torch.no_grad()
 def sample_groups(policy, reference, tokenizer, prompt_texts: list[str], rows: list[int], k: int, *,
                   seed_parts: tuple, temperature: float, max_new_tokens: int, max_prompt_length: int,
-                  with_reference: bool) -> GroupRollout:
+                  with_reference: bool, engine=None) -> GroupRollout:
     """Sample k responses to each prompt `rows` (seeded per prompt and sample), with old and reference log-probs.
 
-    `reference` None with `with_reference`: the policy with its LoRA adapters disabled.
+    `reference` None with `with_reference`: the policy with its LoRA adapters disabled. `engine`: the
+    vLLM engine to sample on, which gets the policy's weights first (`common.rollout_engine`; None: HF).
     """
     seq_rows = [r for r in rows for _ in range(k)]
     seeds = [stable_hash(*seed_parts, r, j) for r in rows for j in range(k)]
-    query_ids, query_mask, response_ids = common.sample_responses(
-        policy, tokenizer, [prompt_texts[r] for r in seq_rows], seeds=seeds, temperature=temperature,
+    query_ids, query_mask, response_ids = common.sample_rollout(
+        engine, policy, tokenizer, [prompt_texts[r] for r in seq_rows], seeds=seeds, temperature=temperature,
         max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length)
     response_ids, response_mask, has_eos = common.truncate_after_eos(response_ids, tokenizer.eos_token_id,
                                                                       tokenizer.pad_token_id)
@@ -250,6 +253,7 @@ def train_group_policy(cfg, prompts: list[dict] | None, name: str, score_fn_fact
     if prompts is None:
         prompts = common.load_split(cfg.prompt_file, ("instruction",))
     tokenizer, policy, reference = load_policy_and_reference(cfg, with_reference)
+    engine = common.rollout_engine(cfg, policy, tokenizer)  # None: the HF sampler
     prompt_texts = [make_prompt_formatter(tokenizer, cfg.prompt_format)(p) for p in prompts]
     score_fn = score_fn_factory(tokenizer)
     if reference is not None:
@@ -283,10 +287,11 @@ def train_group_policy(cfg, prompts: list[dict] | None, name: str, score_fn_fact
             rows = [int(r) for r in perm[b * global_prompts + rank * N:b * global_prompts + (rank + 1) * N]]
 
             # 2. k samples per prompt (seeded per prompt and sample), cut after EOS; old and reference log-probs.
+            #    On the vLLM engine, once it holds the policy's weights as the last update left them.
             rollout = sample_groups(accelerator.unwrap_model(model), reference, tokenizer, prompt_texts, rows,
                                     cfg.k, seed_parts=(cfg.seed, f"{name}-sample", step), temperature=cfg.temperature,
                                     max_new_tokens=cfg.max_new_tokens, max_prompt_length=cfg.max_prompt_length,
-                                    with_reference=with_reference)
+                                    with_reference=with_reference, engine=engine)
 
             # 3. Scores; responses that never emit EOS get the missing-EOS score.
             raw_score = score_fn(rollout, [prompts[r] for r in rollout.rows]).to(device).float()
