@@ -196,13 +196,45 @@ def test_bad_ensemble_folders_are_config_errors(ensemble, tmp_path):
                                                           ensemble_size=0), records=[])
 
 
-def test_ensemble_under_a_launcher_is_refused_with_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = reward_model.RewardModelConfig(model_name_or_path="m", output_dir=str(tmp_path / "x"), ensemble_size=2,
-                                         seed=5)
-    with pytest.raises(ConfigError, match="one process.*seed=<5[+]i> --set split_seed=5"):
-        reward_model.train(cfg, records=[])
-    assert not (tmp_path / "x").exists()
+ENSEMBLE_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from prefgym.methods import reward_model
+from test_prefdata_toy import toy_pairs
+from test_rm_ensemble import ensemble_config
+cfg = ensemble_config(Path(sys.argv[1]), {sft!r}, per_device_batch_size=int(sys.argv[2]))
+reward_model.train(cfg, records=toy_pairs(96, seed=1, ties=True))
+"""
+
+
+@pytest.mark.slow  # about 60 s: two launches of two processes, two members each
+def test_ensemble_under_two_processes_matches_one_process(ensemble, tmp_path):
+    """Every process trains every member (half the per-process batch: the same global batches), one
+    process group from the first member to the last; the main process writes ensemble.json."""
+    import os
+    import sys
+
+    from safetensors.torch import load_file
+
+    from helpers import launch_two_cpu_processes, run_process
+
+    root, sft, one, _ = ensemble
+    script = tmp_path / "run_ensemble.py"
+    script.write_text(ENSEMBLE_SCRIPT.format(tests=os.path.dirname(__file__), sft=str(sft)))
+    run_process(launch_two_cpu_processes(script, str(tmp_path), "8"),
+                env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}, check=True)
+    two = tmp_path / "ensemble"
+    info_one, info_two = (json.loads((p / ENSEMBLE_FILE).read_text()) for p in (one, two))
+    assert info_two["members"] == ["member-0", "member-1"] and info_two["eval_pairs"] == info_one["eval_pairs"]
+    for name in info_one["members"]:
+        a, b = load_file(one / name / "model.safetensors"), load_file(two / name / "model.safetensors")
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)  # each process alone: 0.05 apart
+    assert info_two["eval_accuracy"] == pytest.approx(info_one["eval_accuracy"])
+    # the second member differs from the first (its own seed) under two processes too
+    m0, m1 = (load_file(two / n / "model.safetensors") for n in info_two["members"])
+    assert any(not torch.equal(m0[k], m1[k]) for k in m0)
 
 
 # ---------------------------------------------------------------------------------------------

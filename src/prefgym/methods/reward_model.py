@@ -277,26 +277,29 @@ def train_ensemble(cfg: RewardModelConfig, records: list[dict] | None = None) ->
     """Train `cfg.ensemble_size` members one after another, then write ensemble.json (last: a
     folder with it is complete). A finished member (its normalisation file written) is not
     retrained on a rerun; the held-out accuracy of each member and of the mean ensemble, on the
-    pairs they all held out, goes to eval_results.json and ensemble.json. One process only: each
-    member's run ends Accelerate's process group (`common.end_training`)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("reward model: ensemble_size > 1 runs in one process; launch each member on its own "
-                          f"(--set seed=<{cfg.seed}+i> --set split_seed={cfg.seed} --out <output_dir>/member-i), then "
-                          "run this command without a launcher: it keeps the finished members and writes ensemble.json")
+    pairs they all held out, goes to eval_results.json and ensemble.json. Under a launcher every
+    process trains every member (data parallel, as a single reward model), in one process group
+    kept up from the first member to the last; the main process writes the ensemble's files."""
     out = Path(cfg.output_dir)
     common.check_output_dir(cfg, out / "train_config.json")
     if cfg.resume and (out / ENSEMBLE_FILE).exists():
         return out  # already complete
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ENSEMBLE_FILE).unlink(missing_ok=True)
-    common.save_config(cfg, out / "train_config.json")
+    # The launcher's rank: Accelerate's state is made by the first member's Accelerator (made
+    # here, it would not see ACCELERATE_USE_CPU, and CPU processes would not share gradients).
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ENSEMBLE_FILE).unlink(missing_ok=True)
+        common.save_config(cfg, out / "train_config.json")
     if records is None:
         records = common.load_split(cfg.preference_file, ("instruction", "output_1", "output_2", "preference"))
-    members = [train(member_config(cfg, i), records) for i in range(cfg.ensemble_size)]
-    eval_metrics = _ensemble_eval(cfg, members, records)
-    write_json(out / "eval_results.json", eval_metrics)
-    write_json(out / ENSEMBLE_FILE, {"members": [m.name for m in members], "size": len(members),
-                                     "seeds": [cfg.seed + i for i in range(len(members))], **eval_metrics})
+    with common.process_group_kept():
+        members = [train(member_config(cfg, i), records) for i in range(cfg.ensemble_size)]
+        if main:
+            eval_metrics = _ensemble_eval(cfg, members, records)
+            write_json(out / "eval_results.json", eval_metrics)
+            write_json(out / ENSEMBLE_FILE, {"members": [m.name for m in members], "size": len(members),
+                                             "seeds": [cfg.seed + i for i in range(len(members))], **eval_metrics})
     return out
 
 
