@@ -71,10 +71,46 @@ def test_vllm_samples_equal_hf_samples_of_one_prompt_batches(tiny, fake_vllm):
     assert llm.model_path == str(path) and llm.dtype == "float32"
     assert llm.engine_args["distributed_executor_backend"] == "external_launcher"
     assert llm.engine_args["generation_config"] == "vllm" and llm.engine_args["gpu_memory_utilization"] == 0.3
+    assert llm.engine_args["max_model_len"] is None  # the model's context length unless set
     params = llm.generate_calls[0]["params"]
     assert [p.n for p in params] == [3] * len(PROMPTS) and {p.max_tokens for p in params} == {12}
     assert {tuple(p.stop_token_ids) for p in params} == {(tokenizer.eos_token_id,)}
     assert len({p.seed for p in params}) == len(PROMPTS)  # one seed per request
+
+
+def test_responses_end_at_the_tokenizers_eos_only_as_on_the_hf_path(tiny, fake_vllm, tmp_path):
+    """A folder whose generation_config.json lists more eos_token_ids (Llama-3 / Qwen instruct
+    folders do): vLLM would also stop at those unless a request sets ignore_eos; the HF path stops
+    at the tokenizer's EOS alone, and so must the engine (generation and PPO's rollouts)."""
+    import shutil
+
+    path, _, tokenizer = tiny
+    folder = shutil.copytree(path, tmp_path / "more-eos")
+    greedy = sampling(temperature=0.0, num_samples=1, max_new_tokens=8)
+    model, _ = load_model_and_tokenizer(folder, padding_side="left")
+    hf_texts, hf_ended = generate_with_eos(model, tokenizer, PROMPTS, greedy)
+    first = tokenizer(PROMPTS[0])["input_ids"]
+    with torch.no_grad():  # the greedy path's third token of the first prompt becomes another "eos"
+        ids = model.generate(torch.tensor([first]), do_sample=False, max_new_tokens=3)[0, len(first):].tolist()
+    extra = ids[2]
+    assert extra != tokenizer.eos_token_id and extra not in ids[:2]
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [tokenizer.eos_token_id,
+                                                                                          extra]}))
+    vl_texts, vl_ended = generate_with_eos(model, tokenizer, PROMPTS, SamplingConfig(**{**greedy.__dict__,
+                                                                                        "engine": "vllm"}))
+    assert (vl_texts, vl_ended) == (hf_texts, hf_ended)
+    assert fake_vllm.LLM.instances[0].eos_token_ids == {tokenizer.eos_token_id, extra}  # the stand-in would stop
+    engine = vllm_engine.VLLMEngine(folder, tokenizer=tokenizer)
+    (rollout,) = engine.sample_token_ids([first], [3], temperature=1e-6, max_new_tokens=3)
+    assert rollout == ids  # not cut after `extra` (nor given an EOS after it)
+
+
+def test_vllm_max_model_len_reaches_the_engine_and_a_new_length_a_new_engine(tiny, fake_vllm):
+    path, model, tokenizer = tiny
+    for length in (64, 64, 96):
+        generate_with_eos(model, tokenizer, PROMPTS[:1], sampling(engine="vllm", vllm_max_model_len=length))
+    assert [llm.engine_args["max_model_len"] for llm in fake_vllm.LLM.instances] == [64, 96]
 
 
 def test_samples_do_not_depend_on_batching(tiny, fake_vllm):
@@ -165,6 +201,8 @@ def test_engine_field_is_checked_in_every_generating_config():
             config(engine="vllm ")
         with pytest.raises(ConfigError, match="vllm_gpu_memory_utilization"):
             config(vllm_gpu_memory_utilization=1.5)
+        with pytest.raises(ConfigError, match="vllm_max_model_len"):
+            config(vllm_max_model_len=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +240,7 @@ def test_ppo_rollouts_sample_from_the_policy_after_each_update(toy_rm, fake_vllm
 
 
 def test_ppo_rollout_tensors_match_the_engine_responses(toy_rm, fake_vllm, tmp_path):
-    """`_engine_rollout` lays out the engine's token ids as the HF sampler does: prompts left-padded
+    """`common.sample_rollout` on the engine lays out its token ids as the HF sampler does: prompts left-padded
     and cut to max_prompt_length from the left, responses padded after EOS."""
     root, sft, rm = toy_rm
     from prefgym.methods import common
@@ -212,7 +250,8 @@ def test_ppo_rollout_tensors_match_the_engine_responses(toy_rm, fake_vllm, tmp_p
     engine = vllm_engine.VLLMEngine(sft, tokenizer=tokenizer)
     policy = load_model_and_tokenizer(sft)[0]
     prompts = ["a", "a much longer prompt than the others"]
-    q_ids, q_mask, r_ids = ppo._engine_rollout(engine, policy, tokenizer, prompts, [1, 2], cfg, "cpu")
+    q_ids, q_mask, r_ids = common.sample_rollout(engine, policy, tokenizer, prompts, seeds=[1, 2], temperature=1.0,
+                                                 max_new_tokens=cfg.max_new_tokens, max_prompt_length=cfg.max_prompt_length)
     assert q_mask.tolist()[0][:-1] == [0] * (q_ids.shape[1] - 1) and q_mask[1].all() and q_ids.shape[1] == 6
     sent = [p["prompt_token_ids"] for p in fake_vllm.LLM.instances[0].generate_calls[0]["prompts"]]
     assert sent == [tokenizer("a")["input_ids"], tokenizer(prompts[1])["input_ids"][-6:]]

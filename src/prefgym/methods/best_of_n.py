@@ -113,10 +113,10 @@ def run(cfg: BestOfNConfig) -> Path:
     from prefgym.data.prompts import make_prompt_formatter
     from prefgym.io import append_jsonl, read_records, write_json
     from prefgym.methods.reward_model import load_reward_scorer
-    from prefgym.models import load_model_and_tokenizer
     from prefgym.models.generation import (SamplingConfig, is_main_process, map_sharded, process_device,
                                            wait_for_everyone)
-    from prefgym.models.vllm_engine import engine_settings
+    from prefgym.models.loading import load_generator
+    from prefgym.models.vllm_engine import engine_settings, releasing_engine
     from prefgym.seeding import stable_hash
 
     for key in ("policy_model", "reward_model", "data"):
@@ -139,13 +139,13 @@ def run(cfg: BestOfNConfig) -> Path:
         partial.unlink(missing_ok=True)
         metrics_file.unlink(missing_ok=True)
 
-    model, tokenizer = load_model_and_tokenizer(cfg.policy_model, device=process_device(), padding_side="left",
-                                                cfg=cfg)
+    # On the vLLM engine only the tokenizer loads here (the engine holds the weights; released after the chunks).
+    model, tokenizer = load_generator(cfg.policy_model, cfg.engine, device=process_device(), cfg=cfg)
     fmt = make_prompt_formatter(tokenizer, cfg.prompt_format)
     scorer = load_reward_scorer(cfg.reward_model, cfg.reward_ensemble, cfg.uwo_coef, device=model.device,
                                 batch_size=cfg.scoring_batch_size, model_cfg=cfg)
     chunks = range(len(done), len(records), cfg.chunk_size)
-    with _progress(cfg.progress and is_main_process(), len(records), len(done)) as advance:
+    with _progress(cfg.progress and is_main_process(), len(records), len(done)) as advance, releasing_engine():
         for start in chunks:
             t0 = time.perf_counter()
             chunk = records[start:start + cfg.chunk_size]

@@ -64,10 +64,10 @@ class PreferenceDataConfig(fields.GenerationFields, fields.ModelFields):
 def run(cfg: PreferenceDataConfig, records: list[dict] | None = None) -> Path:
     """Sample, pair and annotate; returns the path of preferences.json."""
     from prefgym.annotators import annotate_pairs, make_pairs
-    from prefgym.models import load_model_and_tokenizer
     from prefgym.models.generation import (SamplingConfig, generate_sharded, is_main_process, main_process_only,
                                            process_device, processes)
-    from prefgym.models.vllm_engine import engine_settings
+    from prefgym.models.loading import load_generator
+    from prefgym.models.vllm_engine import engine_settings, releasing_engine
 
     if not cfg.policy_model or not cfg.output_dir:
         raise ConfigError("preference data: policy_model and output_dir are required")
@@ -90,13 +90,13 @@ def run(cfg: PreferenceDataConfig, records: list[dict] | None = None) -> Path:
     if is_main_process():
         common.save_config(cfg, out / "preference_data_config.json")
         write_jsonl(samples_file, done)  # without a chunk cut short (redone whole)
+    # On the vLLM engine only the tokenizer loads here: the engine holds the weights, released before annotating.
     model = tokenizer = None
-    with common.make_progress(processes()) as progress:  # a bar on the main process only
+    with common.make_progress(processes()) as progress, releasing_engine():  # a bar on the main process only
         task = progress.add_task("sampling", total=len(records), completed=len(done), info="")
         for start in range(len(done), len(records), cfg.chunk_size):
             if model is None:
-                model, tokenizer = load_model_and_tokenizer(cfg.policy_model, device=process_device(),
-                                                            padding_side="left", cfg=cfg)
+                model, tokenizer = load_generator(cfg.policy_model, cfg.engine, device=process_device(), cfg=cfg)
                 fmt = make_prompt_formatter(tokenizer, cfg.prompt_format)
             chunk = records[start:start + cfg.chunk_size]
             sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,

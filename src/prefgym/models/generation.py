@@ -332,11 +332,14 @@ def generate_outputs(model_path: str | os.PathLike, records: list[dict], cfg: Sa
     and a rerun with the same model, records and settings generates only what is missing.
     Under several processes they share the batches (`map_sharded`; the main process writes the
     partial file) and each returns all the records, the same as one process returns.
+    On the vLLM engine (`cfg.engine`) only the tokenizer is loaded here (`load_generator`): the
+    engine holds the weights, and is released when the records are done (`releasing_engine`).
     """
     import dataclasses
 
     from prefgym.io import append_jsonl
-    from prefgym.models.loading import load_model_and_tokenizer
+    from prefgym.models.loading import load_generator
+    from prefgym.models.vllm_engine import releasing_engine
     from prefgym.seeding import stable_hash
 
     generator = generator or Path(model_path).name
@@ -352,7 +355,7 @@ def generate_outputs(model_path: str | os.PathLike, records: list[dict], cfg: Sa
     todo = [start for start in range(0, len(records), cfg.batch_size)
             if any(s is None for s in samples[start:start + cfg.batch_size])]
     if todo:
-        model, tokenizer = load_model_and_tokenizer(model_path, device=process_device(), padding_side="left")
+        model, tokenizer = load_generator(model_path, cfg.engine, device=process_device())
         fmt = make_prompt_formatter(tokenizer, prompt_format)
 
         def batch(start: int) -> list[list[str]]:
@@ -365,7 +368,9 @@ def generate_outputs(model_path: str | os.PathLike, records: list[dict], cfg: Sa
                     append_jsonl(partial_file, {"key": k, "outputs": o})
 
         # The batches are shared among the processes (one process: all of them, in order).
-        outputs = map_sharded(batch, todo, on_round=keep if partial_file is not None else None, progress=progress)
+        with releasing_engine():
+            outputs = map_sharded(batch, todo, on_round=keep if partial_file is not None else None,
+                                  progress=progress)
         for start, outs in zip(todo, outputs):
             samples[start:start + len(outs)] = outs
     return output_records(records, samples, generator, cfg.num_samples)

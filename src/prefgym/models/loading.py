@@ -68,8 +68,7 @@ def load_score_model(path: str | os.PathLike, cfg, num_labels: int | None = 1, t
 
 
 def _load(auto_class, path, cfg, trainable: bool, **extra):
-    if not os.path.exists(path) and str(path).startswith((".", "/", "~")):
-        raise ConfigError(f"model folder not found: {path}")
+    check_model_folder(path)
     try:
         model = auto_class.from_pretrained(str(path), **model_kwargs(cfg), **extra)
     except (OSError, ValueError, ImportError) as e:  # a missing folder, an unknown attn_implementation, no flash-attn
@@ -123,8 +122,7 @@ def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype |
     """
     from transformers import AutoModelForCausalLM
 
-    if not os.path.exists(path) and str(path).startswith((".", "/", "~")):
-        raise ConfigError(f"model folder not found: {path}")
+    check_model_folder(path)
     tokenizer = load_tokenizer(path, padding_side=padding_side)
     if cfg is not None:
         model = load_policy(path, cfg, trainable=trainable)
@@ -134,14 +132,44 @@ def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype |
                                                          **model_kwargs)
         except OSError as e:
             raise ConfigError(f"could not load a causal LM from {path}: {e}") from None
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     if "device_map" not in model_kwargs:  # with a device_map, Accelerate has placed the weights
-        model.to(device or "cpu")
+        model.to(resolve_device(device))
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def load_generator(path: str | os.PathLike, engine: str, device: str | torch.device | None = None,
+                   padding_side: str = "left", cfg=None):
+    """The policy a stage samples from and its tokenizer, for the stage's `engine` (hf, vllm, auto).
+
+    On hf: `load_model_and_tokenizer(path, device=device, padding_side=padding_side, cfg=cfg)`. On
+    vllm: the tokenizer and a `vllm_engine.EngineModel` in place of the model, with no weights: the
+    engine loads the folder itself (`engine_for`), in the dtype the hf path would load (cfg's
+    `dtype`; float32 without cfg), so the weights are on the GPU once. Its `.device` is where the
+    hf path would put the model (for the stage's reward model).
+    """
+    from prefgym.models.vllm_engine import EngineModel, resolve_engine
+
+    if resolve_engine(engine) != "vllm":
+        return load_model_and_tokenizer(path, device=device, padding_side=padding_side, cfg=cfg)
+    check_model_folder(path)
+    dtype = model_kwargs(cfg)["dtype"] if cfg is not None else torch.float32
+    return EngineModel(str(path), dtype, resolve_device(device)), load_tokenizer(path, padding_side=padding_side)
+
+
+def check_model_folder(path: str | os.PathLike) -> None:
+    """ConfigError when `path` names a local folder (it starts with ., / or ~) that is not there."""
+    if not os.path.exists(path) and str(path).startswith((".", "/", "~")):
+        raise ConfigError(f"model folder not found: {path}")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Where a model goes: "auto" is CUDA when there is a GPU, else the CPU; None is the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device or "cpu")
 
 
 def tokenize_example(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, list[int]]:

@@ -4,14 +4,20 @@
 sampling of `generation.generate_with_eos` here, so preference data, best-of-n, expert iteration
 and evaluation write the same records as with `engine: hf`; PPO and Quark sample their rollouts on
 an engine of their own and send it the policy's weights before each rollout (`update_weights`).
+These sampling stages load the policy once, on the engine: `loading.load_generator` gives
+them the tokenizer and an `EngineModel` (folder, dtype, device) in place of the HF model, and the
+engine `engine_for` keeps is released when the stage ends (`releasing_engine`).
 `engine: auto` is vllm when it is installed and a CUDA device exists, else hf.
 
 Each prompt is one request seeded by `generation.batch_seed(cfg.seed, its position)`, the seed
 the HF path gives a batch of one prompt, so the samples do not depend on the batching, and a
 request with n samples is vLLM's n sequences of one request. Decoding follows the sampling
-settings alone (`generation_config="vllm"`: the model folder's generation_config.json is set
-aside, as on the HF path); a response ends at the tokenizer's EOS; prompts go in as the token ids
-prefgym's tokenizer makes, and responses come back as token ids that the same tokenizer decodes.
+settings alone, as on the HF path: `generation_config="vllm"` sets aside the folder's sampling
+defaults, and a response ends at the tokenizer's EOS only (`ignore_eos=True` with that EOS as the
+one stop token: otherwise vLLM also stops at every eos_token_id of the folder's
+generation_config.json, as Llama-3 and Qwen instruct folders list several); prompts go in as the
+token ids prefgym's tokenizer makes, and responses come back as token ids that the same tokenizer
+decodes.
 
 The engine runs inside this process (`distributed_executor_backend="external_launcher"`, as TRL's
 colocate mode), which is what lets `update_weights` reach the model; one process only.
@@ -22,9 +28,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 from prefgym.errors import ConfigError
 
@@ -52,6 +59,11 @@ class EngineFields:
     vllm_gpu_memory_utilization: float = 0.3
     """Share of the GPU's memory vLLM takes for its weights and KV cache (engine vllm; TRL's colocate
     default, which leaves room for the models a method trains beside it)."""
+    vllm_max_model_len: Optional[int] = None
+    """Longest prompt + response, in tokens, the engine of a sampling stage serves (None: the model's
+    context length). vLLM refuses to start when one sequence of that length does not fit in the KV
+    cache its memory share leaves: set it for long-context models. Training loops' engines take
+    max_prompt_length + max_new_tokens."""
 
 
 def engine_settings(cfg) -> dict:
@@ -62,12 +74,15 @@ def engine_settings(cfg) -> dict:
 
 
 def check_engine_fields(cfg) -> None:
-    """ConfigError naming the key when `engine` is unknown or the memory share is not in (0, 1]."""
+    """ConfigError naming the key when `engine` is unknown, the memory share not in (0, 1] or the length below 1."""
     if cfg.engine not in ENGINES:
         raise ConfigError(f"key 'engine' should be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
     if not 0 < cfg.vllm_gpu_memory_utilization <= 1:
         raise ConfigError("key 'vllm_gpu_memory_utilization' should be in (0, 1], got "
                           f"{cfg.vllm_gpu_memory_utilization!r}")
+    if cfg.vllm_max_model_len is not None and cfg.vllm_max_model_len < 1:
+        raise ConfigError(f"key 'vllm_max_model_len' should be a number of tokens (at least 1) or null, got "
+                          f"{cfg.vllm_max_model_len!r}")
 
 
 def import_vllm():
@@ -167,7 +182,8 @@ class VLLMEngine:
         top-p / top-k, seeded per prompt; a response that stopped at EOS ends with it (PPO's rollouts)."""
         eos = self.tokenizer.eos_token_id
         params = [self._sampling_params(n=1, temperature=temperature, top_p=1.0, top_k=0, repetition_penalty=1.0,
-                                        max_tokens=max_new_tokens, seed=seed % 2**63, stop_token_ids=[eos])
+                                        max_tokens=max_new_tokens, seed=seed % 2**63, stop_token_ids=[eos],
+                                        ignore_eos=True)
                   for seed in seeds]
         results = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids],
                                     sampling_params=params, use_tqdm=False)
@@ -190,7 +206,7 @@ class VLLMEngine:
     def _params(self, cfg, n: int, seed: int):
         return self._sampling_params(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                      repetition_penalty=cfg.repetition_penalty, max_tokens=cfg.max_new_tokens,
-                                     seed=seed, stop_token_ids=[self.tokenizer.eos_token_id])
+                                     seed=seed, stop_token_ids=[self.tokenizer.eos_token_id], ignore_eos=True)
 
     def _requests(self, prompts: Sequence[str]) -> list[dict]:
         """vLLM token prompts: the ids prefgym's tokenizer gives (special tokens as on the HF path)."""
@@ -203,19 +219,71 @@ class VLLMEngine:
                                      skip_special_tokens=True)
 
 
+@dataclass(frozen=True)
+class EngineModel:
+    """The policy of a stage that samples on the vLLM engine, in place of the HF model
+    (`loading.load_generator`): the folder and dtype `engine_for` starts the engine with, and the
+    device the stage's other models (a reward model) go to. It holds no weights, so the folder's
+    weights are on the GPU once (the engine's); anything else asked of it (a forward pass,
+    `generate`, `.training`) is an error that says so."""
+
+    name_or_path: str
+    dtype: torch.dtype
+    device: torch.device
+
+    def __getattr__(self, name: str):
+        raise AttributeError(f"{self._what()} has no {name!r}: its weights are on the vLLM engine only; sample "
+                             "with generation.generate_with_eos, or load the model with load_model_and_tokenizer")
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"{self._what()} has no forward pass: its weights are on the vLLM engine only; load the "
+                        "model with load_model_and_tokenizer to run it")
+
+    def _what(self) -> str:
+        return f"EngineModel({self.__dict__.get('name_or_path')!r}, engine: vllm)"
+
+
 _engine: tuple[tuple, VLLMEngine] | None = None
 
 
 def engine_for(model, cfg) -> VLLMEngine:
-    """The engine serving the folder `model` was loaded from, in `model`'s dtype; one engine at a
-    time, kept for the next call with the same model. It holds the folder's weights: a caller that
-    trains `model` sends them with `update_weights(full_weights(model))`."""
+    """The engine serving the folder `model` was loaded from (an HF model or an `EngineModel`), in
+    `model`'s dtype. One engine at a time: kept for the next call with the same folder, dtype,
+    memory share and length (a stage's batches and chunks share it), replaced for another (the old
+    one released first), and released by `release_engine`, which each stage that samples here runs at its end
+    (`releasing_engine`). It holds the folder's weights: a caller that trains `model` sends them
+    with `update_weights(full_weights(model))`."""
     global _engine
-    key = (str(model.name_or_path), dtype_name(model.dtype), cfg.vllm_gpu_memory_utilization)
+    key = (str(model.name_or_path), dtype_name(model.dtype), cfg.vllm_gpu_memory_utilization, cfg.vllm_max_model_len)
     if _engine is None or _engine[0] != key:
-        _engine = None  # the old engine goes before the new one takes its memory
-        _engine = (key, VLLMEngine(key[0], dtype=key[1], gpu_memory_utilization=key[2]))
+        release_engine()  # the old engine goes before the new one takes its memory
+        _engine = (key, VLLMEngine(key[0], dtype=key[1], gpu_memory_utilization=key[2], max_model_len=key[3]))
     return _engine[1]
+
+
+def release_engine() -> None:
+    """Drop the engine `engine_for` keeps and give its GPU memory back, so that what runs next (the
+    training stages of `prefgym run`) has it; nothing when no engine is kept. vLLM's own cleanup
+    (`vllm.distributed.cleanup_dist_env_and_memory`: its process groups, garbage collection, the
+    CUDA cache) frees it; the next `engine_for` starts a new engine. PPO's and Quark's engines are
+    their own and untouched."""
+    global _engine
+    if _engine is None:
+        return
+    _engine = None
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    cleanup_dist_env_and_memory()
+
+
+@contextmanager
+def releasing_engine():
+    """A stage's sampling: `engine_for`'s engine is kept between the calls inside the block and
+    released (`release_engine`) when it ends, by an error too."""
+    try:
+        yield
+    finally:
+        release_engine()
 
 
 def dtype_name(dtype) -> str:

@@ -32,6 +32,7 @@ class SamplingParams:
     max_tokens: int | None = 16
     seed: int | None = None
     stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -79,9 +80,14 @@ class LLM:
         self.model_path, self.dtype, self.seed, self.engine_args = model, dtype, seed, engine_args
         torch_dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
         hf_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        # As vLLM (`update_from_generation_config`): unless a request sets ignore_eos, it also stops at
+        # the tokenizer's EOS and at every eos_token_id of the folder's generation_config.json, even
+        # with generation_config="vllm" (which only drops the folder's sampling defaults).
+        eos = hf_model.generation_config.eos_token_id if hf_model.generation_config is not None else None
+        self.eos_token_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
         if engine_args.get("generation_config") == "vllm":
             hf_model.generation_config = GenerationConfig()  # the folder's sampling defaults set aside
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.model = _Model(hf_model)
         self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(
             driver_worker=SimpleNamespace(model_runner=SimpleNamespace(model=self.model))))
@@ -106,10 +112,10 @@ class LLM:
         from transformers import GenerationConfig
 
         ids = list(prompt["prompt_token_ids"])
-        eos = sp.stop_token_ids[0] if sp.stop_token_ids else self.tokenizer.eos_token_id
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        stops = set(sp.stop_token_ids or ()) | (set() if sp.ignore_eos else self.eos_token_ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(stops)
         common = dict(max_new_tokens=sp.max_tokens, num_beams=1, repetition_penalty=sp.repetition_penalty,
-                      eos_token_id=eos, pad_token_id=pad, use_cache=True)
+                      eos_token_id=sorted(stops) or None, pad_token_id=pad, use_cache=True)
         greedy = sp.temperature == 0
         gen = (GenerationConfig(do_sample=False, **common) if greedy else
                GenerationConfig(do_sample=True, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
@@ -123,8 +129,9 @@ class LLM:
         rows = out[:, len(ids):].tolist() * (sp.n if greedy else 1)
         result = RequestOutput(prompt_token_ids=ids)
         for i, row in enumerate(rows):
-            stop = eos in row
-            tokens = row[:row.index(eos) + 1] if stop else row  # vLLM keeps the EOS token, stops after it
+            end = next((j for j, t in enumerate(row) if t in stops), None)
+            stop = end is not None
+            tokens = row[:end + 1] if stop else row  # vLLM keeps the stop token, stops after it
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             result.outputs.append(CompletionOutput(i, text, tokens, "stop" if stop else "length"))
         return result
