@@ -202,6 +202,40 @@ def test_engine_for_releases_the_old_engine_before_starting_another(models, fake
     assert second.llm.dtype == "bfloat16"
 
 
+def test_training_loop_engine_is_kept_then_released_by_the_next_engine_or_the_pipeline(models, fake_vllm, tmp_path):
+    """A training loop's engine (`common.rollout_engine`) lives in the same slot: reused by a loop with
+    the same settings, released before a sampling stage's engine starts, and `prefgym run` releases
+    whatever engine a stage left after the stage (`run_stages`), on an error too."""
+    from prefgym.methods import common
+    from prefgym.methods.rloo import RLOOConfig
+    from prefgym.models import load_model_and_tokenizer
+    from prefgym.pipeline import Stage, run_stages
+
+    policy, tokenizer = load_model_and_tokenizer(models[0], padding_side="left")
+    cfg = RLOOConfig(policy_model=str(models[0]), engine="vllm", max_prompt_length=32, max_new_tokens=8)
+    rollouts = common.rollout_engine(cfg, policy, tokenizer)
+    assert common.rollout_engine(cfg, policy, tokenizer) is rollouts and len(fake_vllm.LLM.instances) == 1
+    assert rollouts.llm.engine_args["max_model_len"] == 40
+    llm_ref = weakref.ref(rollouts.llm)
+    del rollouts
+    fake_vllm.LLM.instances.clear()
+    vllm_engine.engine_for(EngineModel(str(models[0]), torch.float32, torch.device("cpu")), SamplingConfig(engine="vllm"))
+    assert llm_ref() is None and fake_vllm.distributed.calls == 1  # released before the stage's engine started
+
+    def stage_keeping_an_engine():
+        common.rollout_engine(cfg, policy, tokenizer)
+
+    def failing_stage():
+        common.rollout_engine(cfg, policy, tokenizer)
+        raise RuntimeError("stage failed")
+
+    run_stages([Stage("rollouts", stage_keeping_an_engine, 1)], tmp_path / "run")
+    assert vllm_engine._engine is None and fake_vllm.distributed.calls == 3  # the old one when the stage started its own, then the stage's
+    with pytest.raises(RuntimeError, match="stage failed"):
+        run_stages([Stage("failing", failing_stage, 1)], tmp_path / "run")
+    assert vllm_engine._engine is None and fake_vllm.distributed.calls == 4
+
+
 def test_releasing_engine_releases_on_error(models, fake_vllm):
     handle = EngineModel(str(models[0]), torch.float32, torch.device("cpu"))
     with pytest.raises(RuntimeError, match="stop"), vllm_engine.releasing_engine():

@@ -172,6 +172,8 @@ def run_stages(stages: list[Stage], out_dir: Path, console=None, overwrite: bool
     """
     from rich.console import Console
 
+    from prefgym.models.vllm_engine import release_engine
+
     console = console or Console(stderr=True)
     plan, fingerprints = plan_stages(stages, out_dir, overwrite)
     timings_path = out_dir / "timings.json"
@@ -197,7 +199,10 @@ def run_stages(stages: list[Stage], out_dir: Path, console=None, overwrite: bool
         eta = f", about {_fmt(ran_seconds / ran_weight * remaining)} left" if ran_weight > 0 else ""
         console.rule(f"[bold]stage {i + 1}/{len(stages)}: {stage.name}[/bold]{eta}")
         t0 = time.time()
-        stage.run()
+        try:
+            stage.run()
+        finally:
+            release_engine()  # a vLLM engine the stage kept: the next stage gets its GPU memory
         timings[stage.name] = round(time.time() - t0, 2)
         console.print(f"[dim]stage {stage.name}: {_fmt(timings[stage.name])}[/dim]")
         write_json(timings_path, timings)

@@ -582,14 +582,16 @@ def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int, pad_token_
 def rollout_engine(cfg, policy, tokenizer):
     """The vLLM engine a training loop samples its rollouts on (`cfg.engine` vllm, or auto on a
     machine with vLLM and a GPU), started once per run from `cfg.policy_model` (with LoRA the base
-    folder the policy was loaded from) in the policy's dtype; None: the HF sampler."""
+    folder the policy was loaded from) in the policy's dtype and kept after the run
+    (`vllm_engine.kept_engine`: `release_engine` gives its memory back); None: the HF sampler."""
     from prefgym.models import vllm_engine
 
     if vllm_engine.resolve_engine(cfg.engine) != "vllm":
         return None
-    return vllm_engine.VLLMEngine(cfg.policy_model, dtype=vllm_engine.dtype_name(unwrap_peft(policy).dtype),
-                                  seed=cfg.seed, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                                  max_model_len=cfg.max_prompt_length + cfg.max_new_tokens, tokenizer=tokenizer)
+    key = ("rollouts", str(cfg.policy_model), vllm_engine.dtype_name(unwrap_peft(policy).dtype), cfg.seed,
+           cfg.vllm_gpu_memory_utilization, cfg.max_prompt_length + cfg.max_new_tokens)
+    return vllm_engine.kept_engine(key, lambda: vllm_engine.VLLMEngine(
+        key[1], dtype=key[2], seed=key[3], gpu_memory_utilization=key[4], max_model_len=key[5], tokenizer=tokenizer))
 
 
 def sample_rollout(engine, policy, tokenizer, prompts: Sequence[str], *, seeds: Sequence[int], temperature: float,

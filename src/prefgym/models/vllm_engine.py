@@ -31,7 +31,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
 from prefgym.errors import ConfigError
 
@@ -248,25 +248,32 @@ _engine: tuple[tuple, VLLMEngine] | None = None
 
 def engine_for(model, cfg) -> VLLMEngine:
     """The engine serving the folder `model` was loaded from (an HF model or an `EngineModel`), in
-    `model`'s dtype. One engine at a time: kept for the next call with the same folder, dtype,
-    memory share and length (a stage's batches and chunks share it), replaced for another (the old
-    one released first), and released by `release_engine`, which each stage that samples here runs at its end
-    (`releasing_engine`). It holds the folder's weights: a caller that trains `model` sends them
-    with `update_weights(full_weights(model))`."""
-    global _engine
+    `model`'s dtype, kept (`kept_engine`) for the next call with the same folder, dtype, memory
+    share and length: a stage's batches and chunks share it, and each stage that samples here
+    releases it at its end (`releasing_engine`). It holds the folder's weights: a caller that
+    trains `model` sends them with `update_weights(full_weights(model))`."""
     key = (str(model.name_or_path), dtype_name(model.dtype), cfg.vllm_gpu_memory_utilization, cfg.vllm_max_model_len)
+    return kept_engine(key, lambda: VLLMEngine(key[0], dtype=key[1], gpu_memory_utilization=key[2],
+                                               max_model_len=key[3]))
+
+
+def kept_engine(key: tuple, make: Callable[[], VLLMEngine]) -> VLLMEngine:
+    """The one engine a process keeps: the kept one when it was made for `key`, else `make()`'s,
+    after the old one is released (`release_engine`: two engines would not fit beside each other).
+    Sampling stages (`engine_for`) and training loops (`common.rollout_engine`) keep theirs here,
+    so `release_engine` gives back either, as `prefgym run` does after every stage."""
+    global _engine
     if _engine is None or _engine[0] != key:
-        release_engine()  # the old engine goes before the new one takes its memory
-        _engine = (key, VLLMEngine(key[0], dtype=key[1], gpu_memory_utilization=key[2], max_model_len=key[3]))
+        release_engine()
+        _engine = (key, make())
     return _engine[1]
 
 
 def release_engine() -> None:
-    """Drop the engine `engine_for` keeps and give its GPU memory back, so that what runs next (the
-    training stages of `prefgym run`) has it; nothing when no engine is kept. vLLM's own cleanup
-    (`vllm.distributed.cleanup_dist_env_and_memory`: its process groups, garbage collection, the
-    CUDA cache) frees it; the next `engine_for` starts a new engine. PPO's and Quark's engines are
-    their own and untouched."""
+    """Drop the engine this process keeps (`kept_engine`) and give its GPU memory back, so that
+    what runs next (the next stage of `prefgym run`) has it; nothing when no engine is kept. vLLM's
+    own cleanup (`vllm.distributed.cleanup_dist_env_and_memory`: its process groups, garbage
+    collection, the CUDA cache) frees it; the next `engine_for` or training loop starts a new one."""
     global _engine
     if _engine is None:
         return
