@@ -284,8 +284,9 @@ def test_cached_eval_outputs_follow_the_model_and_the_decoding(tmp_path, monkeyp
     out = tmp_path / "run"
     records = [{"instruction": "q", "input": "", "output": "ref"}]
 
-    def outputs(fingerprint, temperature=0.7):
-        write_json(out / ".done" / "sim" / "dpo", {"fingerprint": fingerprint, "settings": {}})
+    def outputs(fingerprint, temperature=0.7, previous=()):
+        write_json(out / ".done" / "sim" / "dpo", {"fingerprint": fingerprint, "settings": {},
+                                                  "previous": list(previous)})
         cfg = load_run_config(None, scale="quick", out_dir=str(out), stages={"evaluate": {"temperature": temperature}})
         return Pipeline(cfg).outputs("dpo", out / "sim" / "methods" / "dpo", "sim", records)
 
@@ -296,3 +297,12 @@ def test_cached_eval_outputs_follow_the_model_and_the_decoding(tmp_path, monkeyp
     assert generated == [("dpo", 0.7)] * 2
     assert outputs("f2", temperature=1.0)[0]["output"] == "t=1.0"  # other decoding: new outputs
     assert generated == [("dpo", 0.7)] * 2 + [("dpo", 1.0)]
+    # the dpo stage upgraded (a field added to prefgym since, at its default): f3, once f2, is the
+    # same model, and its outputs are kept, under the new key
+    outputs("f3", temperature=1.0, previous=["f1", "f2"])
+    assert generated == [("dpo", 0.7)] * 2 + [("dpo", 1.0)]
+    key_file = out / "sim" / "eval" / "dpo" / "outputs_key.json"
+    assert json.loads(key_file.read_text())["model"] == "f3"
+    outputs("f3", temperature=1.0, previous=["f1", "f2"])
+    outputs("f4", temperature=1.0, previous=["f1"])  # f3 is not among its names: another model
+    assert generated == [("dpo", 0.7)] * 2 + [("dpo", 1.0)] * 2

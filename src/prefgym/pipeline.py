@@ -580,14 +580,19 @@ class Pipeline:
             return read_records(where)
         path = self.out / tag / "eval" / generator / "model_outputs.json"
         stage = "sft" if generator == "sft" else f"{tag}/{generator}"
-        built = {"model": (_read_record(self.out, stage) or {}).get("fingerprint"),
-                 "sampling": self.fingerprint_settings(self.sampling())}
+        record = _read_record(self.out, stage) or {}
+        built = {"model": record.get("fingerprint"), "sampling": self.fingerprint_settings(self.sampling())}
         key = _as_json(built)
         key_file = path.with_name("outputs_key.json")
         old_key = json.loads(key_file.read_text()) if path.exists() and key_file.exists() else None
-        if old_key is not None and old_key != key and with_new_fields(old_key, key, built) == key:
-            write_json(key_file, key)  # written before sampling fields were added, at their defaults: same outputs
-            old_key = key
+        if old_key is not None and old_key != key:
+            # The same model under a fingerprint its stage had before an upgrade (fields added to
+            # prefgym since, at their defaults), and sampling fields added since at their defaults:
+            # the same outputs.
+            same_model = old_key.get("model") in (key["model"], *record.get("previous", []))
+            if same_model and with_new_fields({**old_key, "model": key["model"]}, key, built) == key:
+                write_json(key_file, key)
+                old_key = key
         if old_key != key:
             rows = generate_conditioned_outputs(model_dir, eval_records, self.sampling(), generator=generator,
                                                 progress=True)
