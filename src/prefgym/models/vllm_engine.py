@@ -10,7 +10,8 @@ engine `engine_for` keeps is released when the stage ends (`releasing_engine`).
 `engine: auto` is vllm when it is installed and a CUDA device exists, else hf.
 
 Each prompt is one request seeded by `generation.batch_seed(cfg.seed, its position)`, the seed
-the HF path gives a batch of one prompt, so the samples do not depend on the batching, and a
+the HF path gives a batch of one prompt, so the random draws do not depend on the batching (on a
+GPU vLLM's logits may, by a rounding, as they are not batch-invariant by default), and a
 request with n samples is vLLM's n sequences of one request. Decoding follows the sampling
 settings alone, as on the HF path: `generation_config="vllm"` sets aside the folder's sampling
 defaults, and a response ends at the tokenizer's EOS only (`ignore_eos=True` with that EOS as the
