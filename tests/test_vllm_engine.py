@@ -41,6 +41,16 @@ def fake_vllm(monkeypatch):
     vllm.LLM.instances.clear()
     yield vllm
     vllm_engine.auto_engine.cache_clear()
+    end_engine_groups()
+
+
+def end_engine_groups() -> None:
+    """What a test left of the stand-in engines' process groups goes, as vLLM's cleanup ends them
+    (the next test starts with no torch.distributed group)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        sys.modules["vllm.distributed"].cleanup_dist_env_and_memory()
 
 
 @pytest.fixture

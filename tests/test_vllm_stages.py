@@ -23,6 +23,7 @@ from prefgym.models.generation import SamplingConfig, generate_with_eos
 from prefgym.models.loading import load_generator
 from prefgym.models.vllm_engine import EngineModel
 from test_methods_other import RECORDS, make_policy_and_reward_model
+from test_vllm_engine import end_engine_groups
 
 FAKE_VLLM = Path(__file__).parent / "fake_vllm"
 
@@ -45,6 +46,7 @@ def fake_vllm(monkeypatch):
 
     vllm.LLM.instances.clear()
     yield vllm
+    end_engine_groups()
 
 
 @pytest.fixture
@@ -234,6 +236,60 @@ def test_training_loop_engine_is_kept_then_released_by_the_next_engine_or_the_pi
     with pytest.raises(RuntimeError, match="stage failed"):
         run_stages([Stage("failing", failing_stage, 1)], tmp_path / "run")
     assert vllm_engine._engine is None and fake_vllm.distributed.calls == 4
+
+
+def test_training_loops_on_the_engine_end_cleanly_inside_prefgym_run(models, fake_vllm, tmp_path):
+    """The engine joins torch.distributed itself (a world of one, as vLLM's external launcher does)
+    and its cleanup ends those groups: a training loop gives its engine back before Accelerate ends
+    the process group, so two RLOO stages in one `run_stages` both finish and are recorded; the
+    launcher's variables are set only while an engine starts (Accelerate would take a LOCAL_RANK
+    left in the environment for a launch)."""
+    import os
+
+    import torch.distributed as dist
+
+    from prefgym.methods import rloo
+    from prefgym.pipeline import Stage, run_stages
+    from test_prefdata_toy import toy_prompts
+
+    policy, reward = models
+    seen_during = []
+    start = vllm_engine.VLLMEngine.__init__
+
+    def recording_start(self, *args, **kwargs):
+        start(self, *args, **kwargs)
+        seen_during.append((dist.is_initialized(), "LOCAL_RANK" in os.environ))
+
+    def stage(name, lora):
+        cfg = rloo.RLOOConfig(policy_model=str(policy), reward_model=str(reward), output_dir=str(tmp_path / name),
+                              steps=1, per_device_prompts=2, k=2, max_new_tokens=4, max_prompt_length=32,
+                              engine="vllm", use_lora=lora)
+        return Stage(name, lambda: rloo.train(cfg, prompts=toy_prompts(4, seed=1)), 1)
+
+    before = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    vllm_engine.VLLMEngine.__init__ = recording_start
+    try:
+        run_stages([stage("rloo-a", False), stage("rloo-b", True)], tmp_path / "run")
+    finally:
+        vllm_engine.VLLMEngine.__init__ = start
+    assert (tmp_path / "run" / ".done" / "rloo-a").exists() and (tmp_path / "run" / ".done" / "rloo-b").exists()
+    assert seen_during == [(True, False), (True, False)]  # joined while starting; the variables gone after
+    assert {k: os.environ.get(k) for k in before} == before and not dist.is_initialized()
+    assert vllm_engine._engine is None and fake_vllm.distributed.calls == 2  # each loop's engine, at its end
+
+
+def test_a_prompt_longer_than_vllm_max_model_len_allows_is_a_config_error(models, fake_vllm):
+    from prefgym.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(models[0], padding_side="left")
+    prompt = " ".join(["word"] * 40)
+    n = len(tokenizer(prompt)["input_ids"])
+    with pytest.raises(ConfigError, match=f"vllm_max_model_len' is {n + 7} tokens.*{n} tokens and max_new_tokens 8"):
+        generate_with_eos(model, tokenizer, [prompt], SamplingConfig(engine="vllm", max_new_tokens=8,
+                                                                     vllm_max_model_len=n + 7))
+    texts, _ = generate_with_eos(model, tokenizer, [prompt], SamplingConfig(engine="vllm", max_new_tokens=8,
+                                                                            vllm_max_model_len=n + 8))
+    assert len(texts) == 1
 
 
 def test_releasing_engine_releases_on_error(models, fake_vllm):

@@ -589,7 +589,7 @@ def rollout_engine(cfg, policy, tokenizer):
     if vllm_engine.resolve_engine(cfg.engine) != "vllm":
         return None
     key = ("rollouts", str(cfg.policy_model), vllm_engine.dtype_name(unwrap_peft(policy).dtype), cfg.seed,
-           cfg.vllm_gpu_memory_utilization, cfg.max_prompt_length + cfg.max_new_tokens)
+           cfg.vllm_gpu_memory_utilization, cfg.vllm_max_model_len or cfg.max_prompt_length + cfg.max_new_tokens)
     return vllm_engine.kept_engine(key, lambda: vllm_engine.VLLMEngine(
         key[1], dtype=key[2], seed=key[3], gpu_memory_utilization=key[4], max_model_len=key[5], tokenizer=tokenizer))
 
@@ -719,7 +719,12 @@ def end_training(accelerator) -> None:
     """End Accelerate's training and destroy the process group explicitly: gloo left to
     interpreter shutdown can hang there (two CPU processes on a loaded machine). Inside
     `process_group_kept()` the group stays up for the next training of the same launch (only
-    the trackers end: Accelerate's own end_training destroys the group)."""
+    the trackers end: Accelerate's own end_training destroys the group). A vLLM engine the loop
+    sampled on goes first (`release_engine`): it joined torch.distributed itself (a world of one),
+    and its own cleanup fails once that group is gone."""
+    from prefgym.models.vllm_engine import release_engine
+
+    release_engine()
     if _process_group_kept:
         for tracker in accelerator.trackers:
             tracker.finish()

@@ -3,7 +3,8 @@
 `engine: vllm` (a field of `SamplingConfig` and of every generating method's config) sends the
 sampling of `generation.generate_with_eos` here, so preference data, best-of-n, expert iteration
 and evaluation write the same records as with `engine: hf`; PPO and Quark sample their rollouts on
-an engine of their own and send it the policy's weights before each rollout (`update_weights`).
+an engine of their own (RLOO, GRPO and online DPO too) and send it the policy's weights before
+each rollout (`update_weights`).
 These sampling stages load the policy once, on the engine: `loading.load_generator` gives
 them the tokenizer and an `EngineModel` (folder, dtype, device) in place of the HF model, and the
 engine `engine_for` keeps is released when the stage ends (`releasing_engine`).
@@ -64,7 +65,7 @@ class EngineFields:
     """Longest prompt + response, in tokens, the engine of a sampling stage serves (None: the model's
     context length). vLLM refuses to start when one sequence of that length does not fit in the KV
     cache its memory share leaves: set it for long-context models. Training loops' engines take
-    max_prompt_length + max_new_tokens."""
+    max_prompt_length + max_new_tokens unless it is set (Quark: the model's context length)."""
 
 
 def engine_settings(cfg) -> dict:
@@ -149,12 +150,13 @@ class VLLMEngine:
         if world_size() > 1:
             raise ConfigError("engine 'vllm' runs in one process (vLLM batches the requests itself); start the "
                               "command without accelerate launch / torchrun, or set engine: hf")
-        _single_process_rendezvous()
         self.tokenizer = tokenizer or load_tokenizer(model_path)
         self._sampling_params = vllm.SamplingParams
-        self.llm = vllm.LLM(model=str(model_path), dtype=dtype, seed=seed,
-                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                            distributed_executor_backend="external_launcher", generation_config="vllm")
+        self.max_model_len = max_model_len
+        with _single_process_rendezvous():
+            self.llm = vllm.LLM(model=str(model_path), dtype=dtype, seed=seed,
+                                gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                                distributed_executor_backend="external_launcher", generation_config="vllm")
 
     def generate_with_eos(self, prompts: Sequence[str], cfg, first_index: int = 0, progress: bool = False
                           ) -> tuple[list[list[str]], list[list[bool]]]:
@@ -169,7 +171,13 @@ class VLLMEngine:
         greedy = cfg.temperature == 0
         n, copies = (1, cfg.num_samples) if greedy else (cfg.num_samples, 1)
         params = [self._params(cfg, n, batch_seed(cfg.seed, first_index + i)) for i in range(len(prompts))]
-        results = self.llm.generate(self._requests(prompts), sampling_params=params, use_tqdm=progress)
+        requests = self._requests(prompts)
+        longest = max((len(r["prompt_token_ids"]) for r in requests), default=0)
+        if self.max_model_len is not None and longest + cfg.max_new_tokens > self.max_model_len:
+            raise ConfigError(f"key 'vllm_max_model_len' is {self.max_model_len} tokens, but a prompt of {longest} "
+                              f"tokens and max_new_tokens {cfg.max_new_tokens} need {longest + cfg.max_new_tokens}; "
+                              "raise it (or leave it null: the model's context length)")
+        results = self.llm.generate(requests, sampling_params=params, use_tqdm=progress)
         texts, ended = [], []
         for result in results:
             samples = sorted(result.outputs, key=lambda o: o.index)
@@ -331,13 +339,23 @@ def full_weights(model) -> list[tuple[str, torch.Tensor]]:
     return weights
 
 
-def _single_process_rendezvous() -> None:
-    """The variables vLLM's external launcher reads, for a single process started without a launcher."""
+@contextmanager
+def _single_process_rendezvous():
+    """The variables vLLM's external launcher reads while the engine starts (it joins
+    torch.distributed from them: a world of one), for a single process started without a launcher;
+    those set here are removed again after, since Accelerate takes a LOCAL_RANK in the environment
+    for a launch and would make a later training run a one-GPU DDP run."""
     import socket
 
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
+    added = {key: value for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                                           ("MASTER_ADDR", "127.0.0.1")) if key not in os.environ}
     if "MASTER_PORT" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+            added["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)

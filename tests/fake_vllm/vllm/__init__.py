@@ -78,6 +78,10 @@ class LLM:
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         self.model_path, self.dtype, self.seed, self.engine_args = model, dtype, seed, engine_args
+        if engine_args.get("distributed_executor_backend") == "external_launcher":
+            from vllm.distributed import _join_process_group
+
+            _join_process_group()
         torch_dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
         hf_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model)
