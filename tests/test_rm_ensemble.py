@@ -204,7 +204,8 @@ from prefgym.methods import reward_model
 from test_prefdata_toy import toy_pairs
 from test_rm_ensemble import ensemble_config
 cfg = ensemble_config(Path(sys.argv[1]), {sft!r}, per_device_batch_size=int(sys.argv[2]))
-reward_model.train(cfg, records=toy_pairs(96, seed=1, ties=True))
+out = reward_model.train(cfg, records=toy_pairs(96, seed=1, ties=True))
+print("ensemble.json there on return:", (out / "ensemble.json").exists())
 """
 
 
@@ -222,8 +223,10 @@ def test_ensemble_under_two_processes_matches_one_process(ensemble, tmp_path):
     root, sft, one, _ = ensemble
     script = tmp_path / "run_ensemble.py"
     script.write_text(ENSEMBLE_SCRIPT.format(tests=os.path.dirname(__file__), sft=str(sft)))
-    run_process(launch_two_cpu_processes(script, str(tmp_path), "8"),
-                env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}, check=True)
+    launch = launch_two_cpu_processes(script, str(tmp_path), "8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    result = run_process(launch, env=env, check=True)
+    assert result.stdout.count("ensemble.json there on return: True") == 2
     two = tmp_path / "ensemble"
     info_one, info_two = (json.loads((p / ENSEMBLE_FILE).read_text()) for p in (one, two))
     assert info_two["members"] == ["member-0", "member-1"] and info_two["eval_pairs"] == info_one["eval_pairs"]
@@ -235,6 +238,14 @@ def test_ensemble_under_two_processes_matches_one_process(ensemble, tmp_path):
     # the second member differs from the first (its own seed) under two processes too
     m0, m1 = (load_file(two / n / "model.safetensors") for n in info_two["members"])
     assert any(not torch.equal(m0[k], m1[k]) for k in m0)
+    # every member trained, ensemble.json gone (a run stopped while writing it): the rerun trains
+    # nothing, rank 0 writes it again, and no rank returns before it is there
+    (two / ENSEMBLE_FILE).unlink()
+    result = run_process(launch, env=env, check=True)
+    assert result.stdout.count("ensemble.json there on return: True") == 2
+    assert json.loads((two / ENSEMBLE_FILE).read_text()) == info_two
+    for name in info_two["members"]:
+        assert load_file(two / name / "model.safetensors").keys() == m0.keys()
 
 
 # ---------------------------------------------------------------------------------------------

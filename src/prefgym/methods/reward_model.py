@@ -284,8 +284,14 @@ def train_ensemble(cfg: RewardModelConfig, records: list[dict] | None = None) ->
     common.check_output_dir(cfg, out / "train_config.json")
     if cfg.resume and (out / ENSEMBLE_FILE).exists():
         return out  # already complete
-    # The launcher's rank: Accelerate's state is made by the first member's Accelerator (made
-    # here, it would not see ACCELERATE_USE_CPU, and CPU processes would not share gradients).
+    # Under a launcher, the process group from the start, made as a member's Accelerator makes it
+    # (a bare PartialState would not see ACCELERATE_USE_CPU, and CPU processes would not share
+    # gradients): every rank then waits for rank 0's files at the end, also when all members are
+    # already trained and no member makes an Accelerator.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import Accelerator
+
+        Accelerator()
     main = int(os.environ.get("RANK", "0")) == 0
     if main:
         out.mkdir(parents=True, exist_ok=True)
