@@ -10,7 +10,9 @@ from prefgym.web.loadtest import run_load
 
 def _check(result, clients, votes):
     assert result["errors"] == []
-    assert result["killed_after_acks"] == clients * votes // 2  # the kill happened mid-way
+    # the kill happened mid-way: once half the votes were acknowledged (a few more may be
+    # acknowledged between that ack and the kill), with votes still to come
+    assert clients * votes // 2 <= result["killed_after_acks"] < clients * votes - clients
     assert result["retries"] > 0  # clients did hit the dead server and retried
     assert result["acknowledged"] == clients * votes
     assert result["stored"] == result["stored_distinct_keys"] == result["acknowledged"]
