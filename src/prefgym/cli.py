@@ -96,13 +96,13 @@ def _end_process_group() -> None:
     under `accelerate launch`; training commands end theirs): every process ends it here together.
     A gloo group left to interpreter shutdown can abort the process ("terminate called without an
     active exception") or hang there."""
-    engines = sys.modules.get("prefgym.models.vllm_engine")
-    if engines is not None:
-        engines.release_engine()  # a vLLM engine ends its own group (a world of one) first
-    torch = sys.modules.get("torch")  # not imported: no group (and `prefgym --help` stays fast)
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    if "torch" not in sys.modules:  # not imported: no group (and `prefgym --help` stays fast)
+        return
+    from prefgym.methods.common import end_process_group
+    from prefgym.models.vllm_engine import release_engine
+
+    release_engine()  # a vLLM engine ends its own group (a world of one) first
+    end_process_group()
 
 
 def _fail(message: str, code: int = USAGE_ERROR) -> int:

@@ -588,10 +588,9 @@ def rollout_engine(cfg, policy, tokenizer):
 
     if vllm_engine.resolve_engine(cfg.engine) != "vllm":
         return None
-    key = ("rollouts", str(cfg.policy_model), vllm_engine.dtype_name(unwrap_peft(policy).dtype), cfg.seed,
-           cfg.vllm_gpu_memory_utilization, cfg.vllm_max_model_len or cfg.max_prompt_length + cfg.max_new_tokens)
-    return vllm_engine.kept_engine(key, lambda: vllm_engine.VLLMEngine(
-        key[1], dtype=key[2], seed=key[3], gpu_memory_utilization=key[4], max_model_len=key[5], tokenizer=tokenizer))
+    return vllm_engine.kept_rollout_engine(
+        cfg.policy_model, unwrap_peft(policy).dtype, cfg.seed, cfg.vllm_gpu_memory_utilization,
+        cfg.vllm_max_model_len or cfg.max_prompt_length + cfg.max_new_tokens, tokenizer)
 
 
 def sample_rollout(engine, policy, tokenizer, prompts: Sequence[str], *, seeds: Sequence[int], temperature: float,

@@ -358,11 +358,9 @@ def _rollout_engine(cfg: QuarkConfig, policy, tokenizer, folder: Path):
         return None
     policy.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    key = ("rollouts", str(folder), vllm_engine.dtype_name(policy.dtype), cfg.seed, cfg.vllm_gpu_memory_utilization)
     vllm_engine.release_engine()  # the folder was just rewritten: no engine kept from an earlier run of it
-    return vllm_engine.kept_engine((*key, cfg.vllm_max_model_len), lambda: vllm_engine.VLLMEngine(
-        folder, dtype=key[2], seed=cfg.seed, gpu_memory_utilization=key[4], max_model_len=cfg.vllm_max_model_len,
-        tokenizer=tokenizer))
+    return vllm_engine.kept_rollout_engine(folder, policy.dtype, cfg.seed, cfg.vllm_gpu_memory_utilization,
+                                           cfg.vllm_max_model_len, tokenizer)
 
 
 def _iteration_prompts(n_prompts: int, batch_size: int, iteration: int, seed: int) -> list[int]:

@@ -278,6 +278,16 @@ def kept_engine(key: tuple, make: Callable[[], VLLMEngine]) -> VLLMEngine:
     return _engine[1]
 
 
+def kept_rollout_engine(folder, dtype, seed: int, gpu_memory_utilization: float, max_model_len: int | None,
+                        tokenizer) -> VLLMEngine:
+    """A training loop's engine (`kept_engine`): the kept one when it was made with these settings,
+    else a new one started from `folder`; `dtype` is a torch dtype."""
+    key = ("rollouts", str(folder), dtype_name(dtype), seed, gpu_memory_utilization, max_model_len)
+    return kept_engine(key, lambda: VLLMEngine(folder, dtype=key[2], seed=seed, tokenizer=tokenizer,
+                                               gpu_memory_utilization=gpu_memory_utilization,
+                                               max_model_len=max_model_len))
+
+
 def release_engine() -> None:
     """Drop the engine this process keeps (`kept_engine`) and give its GPU memory back, so that
     what runs next (the next stage of `prefgym run`) has it; nothing when no engine is kept. vLLM's
