@@ -82,6 +82,29 @@ def test_same_seed_same_bytes_and_idempotent(tiny_world, tmp_path):
         build_world(again, scale="tiny", seed=0)
 
 
+# The tiny world's splits (seed 0) as this FORMAT_VERSION builds them. A change to the world's code
+# that changes them must bump FORMAT_VERSION, so that a world folder an older prefgym built is
+# refused instead of silently reused; then record the new digests here.
+TINY_SEED0_SPLITS = {2: {
+    "data/eval.json": "ce0d290362a0094682b4d1bd1fb69cc6a4eedaa80ba1ddaf009d39651a686711",
+    "data/preference.json": "9a4e56b16522911046f09816ef36c1bcd9b462a14e9c3068e6e9efe5d3345bdc",
+    "data/sft.json": "460ce5682afb4f9d7823b0b19f8f986dd61daece892e6dce9a82bcf9af9e63f4",
+    "data/unlabeled.json": "d26c024ee9bfca32fb9d5ed3a9da9105211c9adcc6a6b16d616062deef68d2fa",
+    "data/val.json": "45f0978d92c7d95923c304c0e48d1d9965872fd5199de8bc967f61f4ea585284",
+}}
+
+
+def test_changed_splits_come_with_a_new_format_version(tiny_world):
+    from prefgym.world.build import FORMAT_VERSION
+
+    files = read_manifest(tiny_world)["files"]
+    got = {rel: sha for rel, sha in files.items() if rel.startswith("data/")}
+    assert FORMAT_VERSION in TINY_SEED0_SPLITS, f"record the splits of world format {FORMAT_VERSION}: {got}"
+    assert got == TINY_SEED0_SPLITS[FORMAT_VERSION], (
+        f"the world's splits changed but FORMAT_VERSION is still {FORMAT_VERSION}: bump it in "
+        f"prefgym/world/build.py and record the new digests here: {got}")
+
+
 def test_other_seed_other_data(tiny_world):
     from prefgym.world.build import make_splits
 

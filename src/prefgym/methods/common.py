@@ -350,6 +350,14 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
     return _TokenLogprobs.apply(logits, input_ids, temperature)
 
 
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T, V) logits and the (B, T) tokens they predict (position t's logits, token t) -> (B, T)
+    log-probs: `log_softmax(logits.float() / temperature).gather(targets)` without an fp32
+    (B, T, V) tensor, as `token_logprobs` (which it calls with the targets shifted one place right).
+    """
+    return token_logprobs(logits, F.pad(targets, (1, 0)), temperature)[:, 1:]
+
+
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """(B, T, V) -> (B, T) entropy of the next-token distribution that predicts token t; column 0 is 0.
 

@@ -156,7 +156,7 @@ class PairLogps(torch.nn.Module):
             logits = self._response_logits_uncached(prompt_ids, prompt_mask, response_ids, response_mask)
         else:
             logits = self._response_logits(prompt_ids, prompt_mask, response_ids, response_mask)
-        logps = torch.gather(torch.log_softmax(logits.float(), -1), 2, response_ids.unsqueeze(-1)).squeeze(-1)
+        logps = common.target_logprobs(logits, response_ids)  # (2B, R) fp32, without an fp32 (2B, R, V) copy
         seq = common.masked_sum(logps, response_mask, dim=-1)
         return seq[0::2], seq[1::2]
 
