@@ -354,6 +354,8 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
     """(B, T, V) logits and the (B, T) tokens they predict (position t's logits, token t) -> (B, T)
     log-probs: `log_softmax(logits.float() / temperature).gather(targets)` without an fp32
     (B, T, V) tensor, as `token_logprobs` (which it calls with the targets shifted one place right).
+    The logits may have more positions than the targets: the trailing ones predict nothing (take
+    no slice of them: its backward would allocate one more gradient of the logits' size).
     """
     return token_logprobs(logits, F.pad(targets, (1, 0)), temperature)[:, 1:]
 

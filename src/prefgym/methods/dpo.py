@@ -153,15 +153,14 @@ class PairLogps(torch.nn.Module):
     def forward(self, prompt_ids, prompt_mask, response_ids, response_mask) -> tuple[torch.Tensor, torch.Tensor]:
         # prompt_* (B, P); response_* (2B, R): rows 2i and 2i+1 are pair i's chosen and rejected
         if self.training and any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules()):
-            logits = self._response_logits_uncached(prompt_ids, prompt_mask, response_ids, response_mask)
+            logps = self._response_logps_uncached(prompt_ids, prompt_mask, response_ids, response_mask)
         else:
-            logits = self._response_logits(prompt_ids, prompt_mask, response_ids, response_mask)
-        logps = common.target_logprobs(logits, response_ids)  # (2B, R) fp32, without an fp32 (2B, R, V) copy
+            logps = self._response_logps(prompt_ids, prompt_mask, response_ids, response_mask)
         seq = common.masked_sum(logps, response_mask, dim=-1)
         return seq[0::2], seq[1::2]
 
-    def _response_logits(self, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
-        """(2B, R, V) logits that predict each response token, the prompt through the model once."""
+    def _response_logps(self, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
+        """(2B, R) log-probs of the response tokens, the prompt through the model once."""
         out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=1,
                          position_ids=common.position_ids_from(prompt_mask))
         cache = out.cache
@@ -171,18 +170,21 @@ class PairLogps(torch.nn.Module):
         logits = self.model(input_ids=response_ids, attention_mask=torch.cat([prompt_mask.repeat_interleave(2, 0),
                                                                                response_mask], 1),
                             position_ids=positions, cache=cache).logits
-        # the prompt's last logits predict response token 0, response token t-1's predict t
-        return torch.cat([out.logits[:, -1:].repeat_interleave(2, 0), logits[:, :-1]], 1)
+        # the prompt's last logits predict response token 0, response token t-1's predict t (the
+        # last response position's logits predict nothing); no slice of the logits is taken, whose
+        # backward would allocate one more (2B, R, V) gradient
+        return torch.cat([common.target_logprobs(out.logits[:, -1:].repeat_interleave(2, 0), response_ids[:, :1]),
+                          common.token_logprobs(logits, response_ids)[:, 1:]], 1)
 
-    def _response_logits_uncached(self, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
-        """The same logits from whole prompt + response rows: gradient checkpointing turns the KV
+    def _response_logps_uncached(self, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
+        """The same log-probs from whole prompt + response rows: gradient checkpointing turns the KV
         cache off in training (a cache filled in the forward would be filled again by the recompute)."""
         R = response_ids.shape[1]
         ids = torch.cat([prompt_ids.repeat_interleave(2, 0), response_ids], 1)
         mask = torch.cat([prompt_mask.repeat_interleave(2, 0), response_mask], 1)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=common.position_ids_from(mask),
                             logits_to_keep=R + 1).logits  # positions P-1 .. P+R-1
-        return logits[:, :-1]
+        return common.target_logprobs(logits, response_ids)  # the last position's logits predict nothing
 
 
 def _pair_batch(tokenizer, examples, max_length: int, device) -> list[torch.Tensor]:
