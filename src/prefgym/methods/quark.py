@@ -40,7 +40,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import typer
 
 from prefgym.errors import ConfigError
@@ -133,6 +132,73 @@ def assign_quantiles(rewards, num_quantiles: int) -> np.ndarray:
     return quantiles
 
 
+class _QuarkTokenTerms(torch.autograd.Function):
+    """Per-token NLL, KL(policy || reference) and policy entropy, a chunk of rows at a time.
+
+    Forward and backward convert only about `common.LOGSOFTMAX_CHUNK_ELEMENTS` logits to fp32 at
+    once; backward recomputes each chunk's softmaxes instead of keeping them, and writes the
+    gradient w.r.t. the policy logits z straight into one tensor of their shape and dtype. With
+    p = softmax(z) over the original vocabulary (control columns masked) and q the reference's:
+        d NLL / dz = softmax(z over all columns) - onehot(target)
+        d KL / dz_j = p_j (log p_j - log q_j - KL)
+        d H / dz_j = -p_j (log p_j + H)
+    (masked columns have p_j = 0, so only the NLL reaches them). The reference gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, pol, ref, targets, control_ids):  # (N, V+K), (N, V), (N,), (C,) -> 3 x (N,) fp32
+        nll, kl, entropy = (torch.empty(len(pol), dtype=torch.float32, device=pol.device) for _ in range(3))
+        for s in _row_chunks(pol):
+            logp_all, logp, logq = _log_softmaxes(pol[s], ref[s], control_ids)
+            p = logp.exp()
+            nll[s] = -logp_all.gather(1, targets[s, None]).squeeze(1)
+            kl[s] = (p * (logp - logq)).sum(-1)
+            entropy[s] = -(p * logp).sum(-1)
+        ctx.save_for_backward(pol, ref, targets, control_ids, kl, entropy)
+        return nll, kl, entropy
+
+    @staticmethod
+    def backward(ctx, g_nll, g_kl, g_entropy):  # 3 x (N,) -> (N, V+K) in the policy logits' dtype
+        pol, ref, targets, control_ids, kl, entropy = ctx.saved_tensors
+        grad = torch.empty_like(pol, memory_format=torch.contiguous_format)
+        vocab = ref.shape[-1]
+        for s in _row_chunks(pol):
+            logp_all, logp, logq = _log_softmaxes(pol[s], ref[s], control_ids)
+            gn, gk, ge = g_nll[s, None].float(), g_kl[s, None].float(), g_entropy[s, None].float()
+            g = logp_all.exp_().mul_(gn).scatter_add_(1, targets[s, None], -gn)
+            g[:, :vocab] += logp.exp() * (gk * (logp - logq - kl[s, None]) - ge * (logp + entropy[s, None]))
+            grad[s] = g
+        return grad, None, None, None
+
+
+def _row_chunks(rows: torch.Tensor) -> list[slice]:
+    """Slices of rows holding about `common.LOGSOFTMAX_CHUNK_ELEMENTS` logits each (at least one row)."""
+    from prefgym.methods import common
+
+    step = max(1, common.LOGSOFTMAX_CHUNK_ELEMENTS // max(1, rows.shape[-1]))
+    return [slice(i, min(i + step, len(rows))) for i in range(0, len(rows), step)]
+
+
+def _log_softmaxes(pol: torch.Tensor, ref: torch.Tensor, control_ids: torch.Tensor):
+    """fp32 log-softmaxes of a chunk: the policy over all its columns, then the policy and the
+    reference over the reference's vocabulary with the control columns set to -1e9 (probability 0)."""
+    vocab = ref.shape[-1]
+    z = pol.float()
+    return (torch.log_softmax(z, -1), torch.log_softmax(z[:, :vocab].index_fill(1, control_ids, -1e9), -1),
+            torch.log_softmax(ref.float().index_fill(1, control_ids, -1e9), -1))
+
+
+def _quark_token_terms(pol, ref, targets, control_ids):
+    """(NLL, KL(policy || reference), policy entropy) per response token, each (N,) fp32.
+
+    `pol`: (N, V+K) policy logits, `ref`: (N, V) reference logits (no gradient), `targets`: (N,)
+    response token ids, `control_ids`: (C,) control-token columns below V, left out of KL and entropy.
+    Equals the fp32 log-softmax expressions (cross-entropy; sums of p (log p - log q) and -p log p),
+    values and gradients, without fp32 (N, V) tensors (`_QuarkTokenTerms`).
+    """
+    return _QuarkTokenTerms.apply(pol, ref.detach(), targets, control_ids)
+
+
 def quark_loss(policy, reference, tokenizer, samples: list[dict], quantiles, tokens: list[str],
                kl_coef: float, entropy_coef: float, max_length: int, fmt=None) -> tuple[torch.Tensor, dict]:
     """Quark's objective on pool samples (instruction, input, output) with their quantile indices;
@@ -160,23 +226,16 @@ def quark_loss(policy, reference, tokenizer, samples: list[dict], quantiles, tok
     # Logits at position t predict token t+1. The responses are the same tokens in both batches,
     # so selecting the positions that predict response tokens gives (N, V) rows in the same order.
     pol_mask, ref_mask = pb["response_mask"][:, 1:].bool(), rb["response_mask"][:, 1:].bool()
-    pol = logits[:, :-1][pol_mask].float()  # (N, V+K)
-    ref = ref_logits[:, :-1][ref_mask].float()  # (N, V)
+    pol = logits[:, :-1][pol_mask]  # (N, V+K), the logits' dtype
+    ref = ref_logits[:, :-1][ref_mask]  # (N, V)
     targets = pb["input_ids"][:, 1:][pol_mask]  # (N,)
-    nll = F.cross_entropy(pol, targets)
 
-    # KL and entropy over the original vocabulary (without the control tokens).
-    vocab = ref.shape[-1]
-    pol_v = pol[:, :vocab]
+    # KL and entropy over the original vocabulary (without the control tokens): tokens that took
+    # unused rows of a padded vocabulary are left out; fp32 a chunk of rows at a time.
     added = tokenizer.get_added_vocab()
-    control_ids = [added[t] for t in tokens if t in added and added[t] < vocab]
-    if control_ids:  # the tokens took unused rows of a padded vocabulary: leave them out
-        pol_v = pol_v.index_fill(-1, torch.tensor(control_ids, device=device), -1e9)
-        ref = ref.index_fill(-1, torch.tensor(control_ids, device=device), -1e9)
-    logp, ref_logp = F.log_softmax(pol_v, dim=-1), F.log_softmax(ref, dim=-1)
-    p = logp.exp()
-    kl = (p * (logp - ref_logp)).sum(-1).mean()
-    entropy = -(p * logp).sum(-1).mean()
+    control_ids = [added[t] for t in tokens if t in added and added[t] < ref.shape[-1]]
+    control_ids = torch.tensor(control_ids, dtype=torch.long, device=device)
+    nll, kl, entropy = (term.mean() for term in _quark_token_terms(pol, ref, targets, control_ids))
     loss = nll + kl_coef * kl - entropy_coef * entropy
     return loss, {"loss": loss.item(), "nll": nll.item(), "kl": kl.item(), "entropy": entropy.item()}
 

@@ -246,14 +246,31 @@ def _reset_accelerate() -> None:
 
 
 def _response_loss_sum(model, batch) -> "torch.Tensor":
-    """Sum of next-token cross-entropy over the response tokens of the batch (labels != -100)."""
-    import torch.nn.functional as F
+    """Sum of next-token cross-entropy over the response tokens of the batch (labels != -100).
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    # Position t predicts token t+1.
-    logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
-                           reduction="sum")
+    Equals `cross_entropy(logits[:, :-1].float(), labels[:, 1:], ignore_index=-100, reduction="sum")`,
+    values and gradients, without an fp32 (B, T, V) copy of the logits (`common.token_logprobs`);
+    the LM head runs only from the first position that predicts a label on (`logits_to_keep`).
+    The positions the model sees are unchanged (right-padded batch, default position ids).
+    """
+    import torch
+
+    from prefgym.methods.common import token_logprobs
+    from prefgym.models import IGNORE_INDEX
+
+    labels = batch["labels"]
+    targets = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1): position t predicts label t + 1
+    start = _first_true_column(targets)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=labels.shape[1] - start).logits  # (B, T - start, V): positions start .. T-1
+    logps = token_logprobs(logits, labels[:, start:].clamp(min=0))  # (B, T - start); column k: label start + k
+    return -torch.where(targets[:, start:], logps[:, 1:], 0.0).sum()  # where, not *: a -inf off the labels stays out
+
+
+def _first_true_column(mask: "torch.Tensor") -> int:
+    """The first column of a (B, N) bool mask that is True in some row (0 when none is)."""
+    columns = mask.any(0).nonzero()
+    return int(columns[0]) if len(columns) else 0
 
 
 def _checkpoint(accelerator, out: Path, step: int) -> None:
