@@ -216,3 +216,21 @@ def test_huggingface_logprob_judge(tmp_path):
         pa, pb = torch.softmax(logits[[a_id, b_id]].double(), dim=0).tolist()
         shown = 1 + pb
         assert r["preference"] == pytest.approx(3 - shown if swapped else shown, abs=1e-5)
+
+
+def test_huggingface_judge_refuses_a_prompt_longer_than_max_length_instead_of_cutting_its_end(tmp_path):
+    """A prompt past max_length would lose its end (the second output and the answer cue) and the
+    answer log-probs would be read at the wrong place: those rows get an error; short ones a label."""
+    from prefgym.models.tiny import make_tiny_checkpoint
+
+    model_dir = make_tiny_checkpoint(tmp_path / "tiny", arch="gpt2")
+    cfg = {"fn_completions": "huggingface_logprobs", "fn_completion_parser": "logprob_parser",
+           "prompt_template": "Q: {instruction}\nA) {output_1}\nB) {output_2}\nBetter:",
+           "completions_kwargs": {"model_name": str(model_dir), "max_length": 60, "dtype": "auto"},
+           "completion_parser_kwargs": {"first_token": "a", "second_token": "b"}}
+    pairs = [{"instruction": "Add.", "input": "", "output_1": "two", "output_2": "three"},
+             {"instruction": "Add.", "input": "", "output_1": "one two " * 40, "output_2": "four"}]
+    rows = annotate_pairs(pairs, pool_file(tmp_path, cfg, name="hf"), seed=0, cache_dir=tmp_path / "c",
+                          progress=False)
+    assert 1 <= rows[0]["preference"] <= 2 and rows[0].get("error") is None
+    assert rows[1]["preference"] is None and "max_length (60)" in rows[1]["error"], rows[1]

@@ -12,10 +12,11 @@ from __future__ import annotations
 import threading
 import time
 
-from prefgym.annotators.backends import Completion, check_kwargs
+from prefgym.annotators.backends import BackendError, Completion, check_kwargs
 from prefgym.annotators.config import JudgeConfig
 from prefgym.annotators.prompts import Item
 from prefgym.errors import ConfigError
+from prefgym.models.loading import auto_dtype, resolve_device, resolve_dtype
 
 
 class HFLogprobBackend:
@@ -35,17 +36,21 @@ class HFLogprobBackend:
         if "model_name" not in kw:
             raise ConfigError(f"{judge.source}: judge '{judge.name}': missing key 'completions_kwargs.model_name'")
         self.judge = judge
-        dtype = getattr(torch, str(kw.get("dtype", "float32")), None)
-        if not isinstance(dtype, torch.dtype):
+        device = resolve_device(kw.get("device", "auto"))
+        try:
+            dtype = resolve_dtype(str(kw.get("dtype", "float32")))
+        except ConfigError:
             raise ConfigError(f"{judge.source}: judge '{judge.name}': key 'completions_kwargs.dtype' is "
-                              f"{kw['dtype']!r}; use float32, bfloat16 or float16")
+                              f"{kw['dtype']!r}; use float32, bfloat16, float16 or auto") from None
+        if kw.get("dtype") == "auto":
+            dtype = auto_dtype(device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(kw["model_name"])
             self.model = AutoModelForCausalLM.from_pretrained(kw["model_name"], dtype=dtype)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{judge.source}: judge '{judge.name}': cannot load the model "
                               f"'{kw['model_name']}' (key 'completions_kwargs.model_name'): {str(e)[:200]}") from None
-        self.model = self.model.to(kw.get("device", "cpu")).eval()
+        self.model = self.model.to(device).eval()
         self.chat = _use_chat(judge, self.tokenizer, kw.get("prompt_format", "auto"))
         self.top_k = int(kw.get("top_logprobs", 5))
         self.max_length = int(kw.get("max_length", 2048))
@@ -69,10 +74,14 @@ class HFLogprobBackend:
 
             system = [{"role": "system", "content": self.judge.system_prompt}] if self.judge.system_prompt else []
             prompt = chat_prompt(self.tokenizer, system + [{"role": "user", "content": prompt}])
-        enc = self.tokenizer(prompt, return_tensors="pt", truncation=True, max_length=self.max_length)
+        enc = self.tokenizer(prompt, return_tensors="pt")
+        n_tokens = int(enc["input_ids"].shape[1])
+        if n_tokens > self.max_length:  # cut, it would lose its end: the outputs and the answer cue
+            raise BackendError(f"judge '{self.judge.name}' ({self.judge.source}): the prompt is {n_tokens} tokens, "
+                               f"more than completions_kwargs.max_length ({self.max_length})", retryable=False)
         enc = {k: v.to(self.model.device) for k, v in enc.items()}
         with self._lock, torch.no_grad():
-            logits = self.model(**enc).logits[0, -1]  # (vocab,)
+            logits = self.model(**enc, logits_to_keep=1).logits[0, -1]  # (vocab,): only the next token's
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         top = torch.topk(logprobs, k=min(self.top_k, logprobs.numel()))
         entries = {self.tokenizer.decode([i]): float(v) for v, i in zip(top.values.tolist(), top.indices.tolist())}
