@@ -276,7 +276,7 @@ def sample_with_kl(policy, reference, tokenizer, prompts: list[str], seeds: list
         P = q_ids.shape[1]
         ids, mask = torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1)
         if reference is None:
-            ratio = torch.zeros(r_ids.shape, dtype=torch.float32)
+            ratio = torch.zeros(r_ids.shape, dtype=torch.float32, device=r_ids.device)
         else:
             with torch.no_grad():
                 full = F.pad(r_mask, (P, 0))
@@ -486,9 +486,10 @@ class SeedRun:
     def scorer(self, tag: str, rule: str | None):
         """records -> (N,) normalised proxy scores of the reward model `tag` optimises (or the ensemble rule)."""
         from prefgym.methods.reward_model import load_reward_scorer
+        from prefgym.models.loading import resolve_device
 
         return load_reward_scorer(self.out / tag / "reward_model", rule or "mean", self.study.uwo_coef,
-                                  batch_size=64).score
+                                  device=resolve_device("auto"), batch_size=64).score
 
     def sample_best_of_n(self) -> None:
         """max_n SFT samples per eval instruction, with their gold reward."""
