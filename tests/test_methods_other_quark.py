@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -154,22 +155,23 @@ QUARK_SCRIPT = textwrap.dedent("""
     from prefgym.methods import quark
     real = quark.assign_quantiles
     def spy(rewards, k):  # what each process quantises
-        with open(os.path.join(sys.argv[1] + ".rank" + os.environ["RANK"]), "a") as f:
+        with open(os.path.join(sys.argv[1] + ".rank" + os.environ.get("RANK", "0")), "a") as f:
             f.write(json.dumps([float(r) for r in rewards]) + "\\n")
         return real(rewards, k)
     quark.assign_quantiles = spy
     cfg = quark.QuarkConfig(policy_model={policy!r}, reward_model={rm!r}, prompts_file={prompts!r},
                             output_dir=sys.argv[1], num_quantiles=3, iterations=2, rollout_batch_size=4,
                             steps_per_iteration=1, per_device_batch_size=1, lr=1e-2, max_new_tokens=5,
-                            max_length=128, progress=False)
+                            max_length=128, generation_batch_size=1, progress=False)
     quark.train(cfg)
 """)
 
 
 @pytest.mark.slow
 def test_quark_pool_is_shared_across_two_processes(models, tmp_path):
-    """Under `accelerate launch` with 2 CPU processes each process rolls out half the prompts, and
-    both end up with the whole pool (the saved pool and the per-iteration pool sizes say so)."""
+    """Under `accelerate launch` with 2 CPU processes each process rolls out half the generation
+    batches, both end up with the whole pool (the saved pool and the per-iteration pool sizes say
+    so), and the rollouts are the ones one process draws (the batches are seeded by position)."""
     from test_dpo import launch_two_cpu_processes
 
     write_jsonl(tmp_path / "prompts.jsonl", RECORDS)
@@ -186,6 +188,11 @@ def test_quark_pool_is_shared_across_two_processes(models, tmp_path):
     assert seen[0] == seen[1], "both processes must quantise the same pool"
     assert [len(s) for s in seen[0]] == [4, 8]
     np.testing.assert_allclose(seen[0][-1], [p["reward"] for p in pool])
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, env=env)
+    alone = read_records(tmp_path / "one" / quark.POOL_FILE)
+    assert [(p["instruction"], p["output"], p["iteration"]) for p in pool] == \
+        [(p["instruction"], p["output"], p["iteration"]) for p in alone]
+    np.testing.assert_allclose([p["reward"] for p in pool], [p["reward"] for p in alone], atol=1e-5)
     # Each iteration's 4 prompts are the seeded ones, split between the two processes.
     for it in range(2):
         ids = quark._iteration_prompts(len(RECORDS), 4, it, 0)

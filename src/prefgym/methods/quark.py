@@ -33,7 +33,6 @@ import dataclasses
 import os
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -243,8 +242,6 @@ def quark_loss(policy, reference, tokenizer, samples: list[dict], quantiles, tok
 def train(cfg: QuarkConfig) -> Path:
     """Train a Quark policy; returns the output dir (save_pretrained + conditioning.json)."""
     from accelerate import Accelerator
-    from accelerate.utils import gather_object
-
     from prefgym.data import load_records
     from prefgym.data.prompts import make_prompt_formatter
     from prefgym.io import append_jsonl, read_records, write_json, write_jsonl
@@ -252,7 +249,7 @@ def train(cfg: QuarkConfig) -> Path:
     from prefgym.methods.reward_conditioning import add_control_tokens, with_control_token, write_conditioning
     from prefgym.methods.reward_model import load_reward_scorer
     from prefgym.models import load_model_and_tokenizer
-    from prefgym.models.generation import SamplingConfig, generate_with_eos
+    from prefgym.models.generation import SamplingConfig, generate_with_eos, map_sharded
     from prefgym.models.vllm_engine import full_weights
     from prefgym.seeding import rng_for, seed_everything, stable_hash
 
@@ -284,12 +281,7 @@ def train(cfg: QuarkConfig) -> Path:
     fmt = make_prompt_formatter(tokenizer, cfg.prompt_format)
     control_ids = add_control_tokens(policy, tokenizer, tokens)
     engine = _rollout_engine(cfg, policy, tokenizer, out / ENGINE_START)  # None: the HF sampler
-    if cfg.use_lora:
-        from peft import LoraConfig, get_peft_model
-
-        policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                   lora_dropout=cfg.lora_dropout, target_modules="all-linear",
-                                                   trainable_token_indices=control_ids, task_type="CAUSAL_LM"))
+    policy = common.apply_lora(policy, cfg, "CAUSAL_LM", trainable_token_indices=control_ids)
     reference, _ = load_model_and_tokenizer(cfg.policy_model, device=accelerator.device,
                                             cfg=dataclasses.replace(cfg, gradient_checkpointing=False))
     reference.requires_grad_(False)
@@ -322,28 +314,34 @@ def train(cfg: QuarkConfig) -> Path:
         task = progress.add_task("quark", total=cfg.iterations, completed=start, info="")
         for it in range(start, cfg.iterations):
             t0 = time.perf_counter()
-            # 1. Rollout on this iteration's prompts (a seeded pass over the prompt set, wrapping).
-            #    This process takes every n_proc-th of them.
-            ids = _iteration_prompts(len(prompts), cfg.rollout_batch_size, it, cfg.seed)[rank::n_proc]
+            # 1. Rollout on this iteration's prompts (a seeded pass over the prompt set, wrapping),
+            #    a generation batch per process and round, each seeded by its position (the seed
+            #    one process has always used), so N processes draw what one process draws.
+            ids = _iteration_prompts(len(prompts), cfg.rollout_batch_size, it, cfg.seed)
             batch = [{"instruction": prompts[i]["instruction"], "input": prompts[i].get("input") or ""} for i in ids]
             # The untrained token means nothing on the first rollout.
             token = tokens[0] if it > 0 and not cfg.train_on_best_quantile else ""
-            # On the vLLM engine, once it holds the policy's weights as the last iteration left them.
             rollout_prompts = [fmt(r) for r in with_control_token(batch, token)]
-            rollout_sampling = dataclasses.replace(sampling, seed=stable_hash(cfg.seed, "quark-rollout", it, rank))
-            if engine is None:
-                texts, finished = generate_with_eos(accelerator.unwrap_model(policy), tokenizer, rollout_prompts,
-                                                    rollout_sampling)
-            else:
+            rollout_sampling = dataclasses.replace(sampling, seed=stable_hash(cfg.seed, "quark-rollout", it, 0))
+            if engine is not None:  # the vLLM engine, once it holds the policy's weights as the last iteration left them
                 engine.update_weights(full_weights(accelerator.unwrap_model(policy)))
-                texts, finished = engine.generate_with_eos(rollout_prompts, rollout_sampling)
-            samples = [{**r, "output": t[0]} for r, t in zip(batch, texts)]
-            rewards = common.missing_eos_scores(scorer.score(samples), [f[0] for f in finished], cfg.missing_eos_penalty)
-            mine = [{**s, "reward": float(x), "truncated": not f[0], "iteration": it}
-                    for s, x, f in zip(samples, rewards, finished)]
 
-            # 2. One pool for all processes: gather every process's samples (in rank order).
-            new = gather_object(mine)
+            def rollout(first: int) -> list[dict]:
+                """The scored samples of the generation batch that starts at rollout prompt `first`."""
+                part = rollout_prompts[first:first + sampling.batch_size]
+                if engine is None:
+                    texts, finished = generate_with_eos(accelerator.unwrap_model(policy), tokenizer, part,
+                                                        rollout_sampling, first_index=first)
+                else:
+                    texts, finished = engine.generate_with_eos(part, rollout_sampling, first)
+                samples = [{**r, "output": t[0]} for r, t in zip(batch[first:first + len(part)], texts)]
+                rewards = common.missing_eos_scores(scorer.score(samples), [f[0] for f in finished],
+                                                    cfg.missing_eos_penalty)
+                return [{**s, "reward": float(x), "truncated": not f[0], "iteration": it}
+                        for s, x, f in zip(samples, rewards, finished)]
+
+            # 2. One pool for all processes: every process gets every batch's samples, in batch order.
+            new = [row for rows in map_sharded(rollout, range(0, len(batch), sampling.batch_size)) for row in rows]
             if cfg.clear_pool_each_iteration:
                 pool = []
             pool.extend(new)
@@ -362,7 +360,7 @@ def train(cfg: QuarkConfig) -> Path:
                 idx = idx[rank * per_rank:(rank + 1) * per_rank]
                 for m in range(cfg.grad_accum):
                     micro = idx[m * cfg.per_device_batch_size:(m + 1) * cfg.per_device_batch_size]
-                    with accelerator.no_sync(policy) if m < cfg.grad_accum - 1 else nullcontext():
+                    with common.no_sync_unless(accelerator, policy, m == cfg.grad_accum - 1):
                         loss, s = quark_loss(policy, reference, tokenizer, [pool[i] for i in micro],
                                              quantiles[micro], train_tokens, cfg.kl_coef, cfg.entropy_coef,
                                              cfg.max_length, fmt)
