@@ -145,7 +145,7 @@ if [[ $DRY_RUN == 1 ]] || "$PYTHON" -c "import vllm" 2>/dev/null; then
     for _ in $(seq 300); do curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null && break; sleep 1; done
   fi
   stage generate-vllm generate --backend openai --base-url "http://127.0.0.1:$PORT/v1" --served-model ppo \
-    --data "$OUT/world/data/eval.json" --out "$OUT/ppo_vllm_outputs.json" --max-instances 128 \
+    --model "$OUT/ppo" --data "$OUT/world/data/eval.json" --out "$OUT/ppo_vllm_outputs.json" --max-instances 128 \
     --max-new-tokens 128 --no-progress
   stage evaluate-vllm evaluate "$OUT/ppo_vllm_outputs.json" --reference "$OUT/world/data/eval.json" \
     --output-dir "$OUT/eval_vllm"

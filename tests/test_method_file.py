@@ -150,3 +150,23 @@ def test_quick_pipeline_with_the_example_method_file(tmp_path):
     table = pd.read_csv(out / "leaderboard.csv", index_col=0)
     assert {"dpo", "online_dpo", "judge_best_of_2"} <= set(table.index)
     assert (table.loc[["dpo", "online_dpo", "judge_best_of_2"], "labels"] > 0).all()
+
+
+def test_ctx_generate_loads_and_prompts_the_model_as_the_evaluation_does(tmp_path, monkeypatch):
+    """ctx.generate takes the evaluation's dtype, attention, prompt format, engine and batch size,
+    and its own decoding (temperature, samples, seed); not the evaluation's top_p."""
+    from prefgym.models import generation
+
+    seen = []
+    monkeypatch.setattr(generation, "generate_outputs",
+                        lambda model, records, cfg: seen.append((model, cfg)) or [{"output": "x"} for _ in records])
+    ctx = MethodContext(sft_model="sft", reward_model_dir="rm", pairs_file="p", splits={}, annotators="a",
+                        output_dir=tmp_path, seed=5,
+                        eval_sampling=generation.SamplingConfig(dtype="bfloat16", attn_implementation="eager",
+                                                                prompt_format="alpaca", batch_size=3, top_p=0.5,
+                                                                max_new_tokens=7))
+    assert ctx.generate([{"instruction": "a", "input": ""}], num_samples=1, temperature=0.3) == [["x"]]
+    model, cfg = seen[0]
+    assert model == "sft"
+    assert (cfg.dtype, cfg.attn_implementation, cfg.prompt_format, cfg.batch_size) == ("bfloat16", "eager", "alpaca", 3)
+    assert (cfg.temperature, cfg.max_new_tokens, cfg.seed, cfg.top_p) == (0.3, 7, 5, 1.0)

@@ -456,7 +456,8 @@ class Pipeline:
         return self.cfg.data.get("eval") is None
 
     def sampling(self):
-        """Decoding for evaluation (stage `evaluate`, validated like every stage)."""
+        """Decoding for evaluation, and how the policies load and are prompted there (dtype,
+        attn_implementation, prompt_format), from stage `evaluate`, validated like every stage."""
         from prefgym.models.generation import SamplingConfig
 
         return self.make_config(SamplingConfig, "evaluate", seed=self.cfg.seed)

@@ -36,7 +36,8 @@ def add_commands(app: typer.Typer) -> None:
 
     @app.command("generate")
     def generate_command(
-        model: Optional[str] = typer.Option(None, "--model", help="Model folder (save_pretrained) or Hub name (--backend hf)."),
+        model: Optional[str] = typer.Option(None, "--model", help="Model folder (save_pretrained) or Hub name; with "
+                                            "--backend openai, the served model's folder, read for its prompt format."),
         data: str = typer.Option(..., "--data", help="Instructions: .json/.jsonl, datasets folder or Hub name."),
         out: Path = typer.Option(..., "--out", help="Where to write the outputs (model_outputs.json)."),
         split: Optional[str] = typer.Option(None, help="Split of --data when it is a folder or Hub dataset."),
@@ -56,11 +57,20 @@ def add_commands(app: typer.Typer) -> None:
         served_model: Optional[str] = typer.Option(None, help="--backend openai: the model name the server serves."),
         api_key_env: str = typer.Option("OPENAI_API_KEY", help="--backend openai: environment variable with the API key."),
         max_concurrency: int = typer.Option(8, help="--backend openai: requests in flight at once."),
+        dtype: Optional[str] = typer.Option(None, help="Weights dtype: float32, bfloat16, float16, auto (default: float32)."),
+        attn_implementation: Optional[str] = typer.Option(
+            None, help="--backend hf: attention kernel (eager, sdpa, flash_attention_2, ...; default: transformers')."),
+        prompt_format: Optional[str] = typer.Option(
+            None, help="auto (default: the format --model was trained with, else chat when its tokenizer has a "
+                       "template, else alpaca), alpaca or chat."),
     ) -> None:
         """Sample responses to instructions and write them in AlpacaEval format.
 
         Reads: --model (save_pretrained folder or Hub name), or with --backend openai the server
         at --base-url, and --data (records with instruction and optional input).
+
+        --dtype, --attn-implementation and --prompt-format are SamplingConfig's fields (as in a run
+        config's stages.evaluate); with --backend openai the server sets its dtype and kernels.
 
         Writes --out atomically: a JSON list of records with instruction, input, output,
         generator (and outputs, the list, when --num-samples > 1). Finished batches are kept
@@ -79,10 +89,19 @@ def add_commands(app: typer.Typer) -> None:
         missing = [name for name, value in needed[backend].items() if not value]
         if missing:
             raise ConfigError(f"--backend {backend} needs {' and '.join(missing)}")
+        not_here = {"openai": {"--dtype": dtype, "--attn-implementation": attn_implementation},
+                    "vllm": {"--attn-implementation": attn_implementation}}.get(backend, {})
+        given = [name for name, value in not_here.items() if value is not None]
+        if given:
+            chooser = "the server sets its dtype and attention kernel" if backend == "openai" else \
+                "vLLM chooses its attention kernel"
+            raise ConfigError(f"--backend {backend} takes no {' or '.join(given)} ({chooser}); leave it out")
         records = load_records(data, split=split, required=("instruction",))[:max_instances]
+        model_fields = {k: v for k, v in (("dtype", dtype), ("attn_implementation", attn_implementation),
+                                          ("prompt_format", prompt_format)) if v is not None}
         cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                              num_samples=num_samples, batch_size=batch_size, seed=seed,
-                             engine="vllm" if backend == "vllm" else "hf")
+                             engine="vllm" if backend == "vllm" else "hf", **model_fields)
         partial = out.with_name(out.name + ".partial.jsonl")  # finished batches, for resuming
 
         def write(outputs):
@@ -94,7 +113,7 @@ def add_commands(app: typer.Typer) -> None:
             from prefgym.models.openai_generation import ServerConfig, generate_outputs_openai
 
             server = ServerConfig(base_url=base_url, served_model=served_model, api_key_env=api_key_env,
-                                  max_concurrency=max_concurrency)
+                                  max_concurrency=max_concurrency, prompt_format=cfg.prompt_format, model_folder=model)
 
             def ask_the_server():  # the server batches: one process asks (each would pay for every request)
                 outputs = generate_outputs_openai(server, records, cfg, generator=generator, progress=progress,

@@ -32,6 +32,14 @@ def add_commands(app: typer.Typer) -> None:
         engine: str = typer.Option("hf", "--engine", help="With --model: hf (transformers), vllm (in-process "
                                    "vLLM, `pip install 'prefgym\\[vllm]'`) or auto (vllm when installed with a GPU)."),
         gold: bool = typer.Option(False, "--gold", help="Also report the built-in world's gold win-rate."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="With --model: weights dtype, float32, bfloat16, "
+                                            "float16 or auto (default: float32)."),
+        attn_implementation: Optional[str] = typer.Option(
+            None, "--attn-implementation", help="With --model: attention kernel (eager, sdpa, flash_attention_2, "
+                                                "...; default: transformers')."),
+        prompt_format: Optional[str] = typer.Option(
+            None, "--prompt-format", help="With --model: auto (default: the format the model was trained with, else "
+                                          "chat when its tokenizer has a template), alpaca or chat."),
     ):
         """Win-rate of a model against the reference outputs, judged by the evaluation annotators.
 
@@ -39,17 +47,22 @@ def add_commands(app: typer.Typer) -> None:
         writes model_outputs.json, annotations.json and leaderboard.csv (one row added or
         replaced) to --output-dir when given, and the judges' answers to the annotation cache.
         """
-        from prefgym.errors import DataError
+        from prefgym.errors import ConfigError, DataError
         from prefgym.evaluation.winrate import evaluate
 
         if model_outputs is None and model is None:
             raise DataError("give MODEL_OUTPUTS (a model_outputs.json) or --model to generate them")
         sampling = None
+        model_fields = {k: v for k, v in (("dtype", dtype), ("attn_implementation", attn_implementation),
+                                          ("prompt_format", prompt_format)) if v is not None}
+        if model_fields and (model is None or model_outputs is not None):
+            raise ConfigError(f"--{next(iter(model_fields)).replace('_', '-')} applies to generating with --model; "
+                              "MODEL_OUTPUTS are judged as they are")
         if model is not None and model_outputs is None:
             from prefgym.io import read_records
             from prefgym.models.generation import SamplingConfig, generate_outputs, is_main_process, world_size
 
-            sampling = SamplingConfig(max_new_tokens=max_new_tokens, seed=seed, engine=engine)
+            sampling = SamplingConfig(max_new_tokens=max_new_tokens, seed=seed, engine=engine, **model_fields)
             if world_size() > 1:  # several processes share the generation; the main one judges and writes
                 model_outputs = generate_outputs(model, read_records(reference), sampling,
                                                  generator=generator or model.name)

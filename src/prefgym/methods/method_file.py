@@ -15,6 +15,7 @@ every label `ctx.annotate` paid for, plus the run's preference pairs when it rea
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import sys
@@ -177,12 +178,15 @@ class MethodContext:
                  temperature: float = 1.0, max_new_tokens: int | None = None, seed: int | None = None
                  ) -> list[list[str]]:
         """`num_samples` responses of `model` (default: the SFT policy) to each record."""
+        from prefgym.methods.fields import EngineFields, ModelFields
         from prefgym.models.generation import SamplingConfig, generate_outputs
 
         base = self.eval_sampling or SamplingConfig()
+        # the evaluation's batch size, engine and how it loads and prompts the model (dtype, ...)
+        shared = {f.name: getattr(base, f.name) for f in dataclasses.fields(ModelFields) + dataclasses.fields(EngineFields)}
         cfg = SamplingConfig(temperature=temperature, num_samples=num_samples, batch_size=base.batch_size,
                              max_new_tokens=max_new_tokens or base.max_new_tokens,
-                             seed=self.seed if seed is None else seed)
+                             seed=self.seed if seed is None else seed, **shared)
         rows = generate_outputs(model or self.sft_model, records, cfg)
         return [r.get("outputs", [r["output"]]) for r in rows]
 

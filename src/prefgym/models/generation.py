@@ -19,14 +19,17 @@ import torch
 
 from prefgym.data.prompts import make_prompt_formatter
 from prefgym.errors import ConfigError, PrefgymError
-from prefgym.models.vllm_engine import EngineFields, check_engine_fields, resolve_engine
+from prefgym.methods.fields import GenerationFields, ModelFields
+from prefgym.models.vllm_engine import EngineFields, resolve_engine
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SamplingConfig(EngineFields):
-    """How to sample responses (and which engine samples them: `EngineFields`)."""
+class SamplingConfig(GenerationFields, ModelFields):
+    """How to sample responses, which engine samples them (`EngineFields`), and how
+    `generate_outputs` loads and prompts the policy (`ModelFields`: dtype, attn_implementation,
+    prompt_format; a stage that loads its policy itself sets them on its own config)."""
 
     temperature: float = 0.7
     """Softmax temperature; 0 means greedy decoding."""
@@ -44,9 +47,6 @@ class SamplingConfig(EngineFields):
     """Prompts per call to `generate`."""
     seed: int = 0
     """Seed of the sampling random state."""
-
-    def __post_init__(self):
-        check_engine_fields(self)
 
 
 @contextmanager
@@ -322,9 +322,10 @@ def generate_sharded(model, tokenizer, prompts: list[str], cfg: SamplingConfig, 
 
 def generate_outputs(model_path: str | os.PathLike, records: list[dict], cfg: SamplingConfig,
                      generator: str | None = None, progress: bool = False,
-                     partial_file: str | os.PathLike | None = None, prompt_format: str = "auto") -> list[dict]:
-    """Sample responses for `records` (instruction, input) from the model at `model_path`, each
-    prompted as `prompt_format` says (`prefgym.data.prompts.make_prompt_formatter`).
+                     partial_file: str | os.PathLike | None = None, prompt_format: str | None = None) -> list[dict]:
+    """Sample responses for `records` (instruction, input) from the model at `model_path`, loaded
+    in `cfg.dtype` with `cfg.attn_implementation`, each record prompted as `cfg.prompt_format`
+    (or `prompt_format`, when given) says (`prefgym.data.prompts.make_prompt_formatter`).
 
     Returns AlpacaEval-format records: the input fields plus `output` and `generator` (the
     model folder's name by default); with `cfg.num_samples > 1`, `output` is the first sample
@@ -343,19 +344,24 @@ def generate_outputs(model_path: str | os.PathLike, records: list[dict], cfg: Sa
     from prefgym.seeding import stable_hash
 
     generator = generator or Path(model_path).name
-    # Keyed by the decoding settings, and by the engine unless it is hf (the keys of earlier partial files).
-    engine_keys = {f.name for f in dataclasses.fields(EngineFields)}
-    decoding = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in engine_keys}
+    prompt_format = prompt_format or cfg.prompt_format
+    # Keyed by the decoding settings, and by the engine and the loading settings where they are
+    # not at their defaults (the keys of earlier partial files).
+    set_aside = {f.name for f in (*dataclasses.fields(EngineFields), *dataclasses.fields(ModelFields))}
+    decoding = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in set_aside}
+    loading = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(ModelFields)
+               if f.name != "prompt_format" and getattr(cfg, f.name) != f.default]  # dtype, attn_implementation
     engine = resolve_engine(cfg.engine)
     run_key = stable_hash(str(model_path), json.dumps(decoding, sort_keys=True),
-                          *([] if prompt_format == "auto" else [prompt_format]), *([] if engine == "hf" else [engine]))
+                          *([] if prompt_format == "auto" else [prompt_format]), *([] if engine == "hf" else [engine]),
+                          *loading)
     keys = [str(stable_hash(run_key, i, r["instruction"], r.get("input") or "")) for i, r in enumerate(records)]
     done = read_partial(partial_file)
     samples: list[list[str] | None] = [done.get(k) for k in keys]
     todo = [start for start in range(0, len(records), cfg.batch_size)
             if any(s is None for s in samples[start:start + cfg.batch_size])]
     if todo:
-        model, tokenizer = load_generator(model_path, cfg.engine, device=process_device())
+        model, tokenizer = load_generator(model_path, cfg.engine, device=process_device(), cfg=cfg)
         fmt = make_prompt_formatter(tokenizer, prompt_format)
 
         def batch(start: int) -> list[list[str]]:

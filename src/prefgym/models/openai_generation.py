@@ -10,19 +10,27 @@ A failed request (connection refused or dropped, timeout, 408/409/429/5xx, or a 
 a body that is not JSON, no `choices`, no text) is retried up to `max_retries` times with
 exponential backoff; a refused one (401/403/404) stops the run at once. The API key comes from the
 environment variable named by `api_key_env` (local servers need none: a placeholder is sent).
+
+The prompt format is chosen as the local path chooses it (`prompt_format: auto`): the format the
+served model's folder records it was trained with, else chat when its tokenizer has a template,
+else alpaca; the folder is `model_folder`, or `served_model` when that names a local folder.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from typing import Optional
 
-from prefgym.data.prompts import format_record, user_turn
+from prefgym.data.prompts import format_record, resolve_prompt_format, user_turn
 from prefgym.errors import ConfigError, PrefgymError
 from prefgym.models.generation import SamplingConfig, output_records, read_partial, track_progress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,9 +43,12 @@ class ServerConfig:
     """The model name the server serves (each request's `model`)."""
     api_key_env: str = "OPENAI_API_KEY"
     """Environment variable holding the API key; unset: a placeholder key is sent."""
-    prompt_format: str = "alpaca"
-    """alpaca: text completions of prefgym's Alpaca prompt (as `generate_outputs`); chat: chat
-    completions with the instruction (and input) as the user turn, the server's chat template."""
+    prompt_format: str = "auto"
+    """alpaca: text completions of prefgym's Alpaca prompt; chat: chat completions with the
+    instruction (and input) as the user turn, the server's chat template; auto: as
+    `generate_outputs` chooses for the model's folder (`server_prompt_format`)."""
+    model_folder: Optional[str] = None
+    """The served model's local folder, read for its prompt format (None: `served_model` when it names one)."""
     max_concurrency: int = 8
     """Requests in flight at once."""
     max_retries: int = 3
@@ -54,7 +65,8 @@ class _Retryable(Exception):
 
 def check_config(server: ServerConfig, cfg: SamplingConfig) -> None:
     """ConfigError naming the first setting out of range."""
-    checks = {"prompt_format": server.prompt_format in ("alpaca", "chat"), "max_concurrency": server.max_concurrency >= 1,
+    checks = {"prompt_format": server.prompt_format in ("auto", "alpaca", "chat"),
+              "max_concurrency": server.max_concurrency >= 1,
               "max_retries": server.max_retries >= 0, "temperature": cfg.temperature >= 0,
               "top_p": 0 < cfg.top_p <= 1, "top_k": cfg.top_k >= 0, "max_new_tokens": cfg.max_new_tokens >= 1,
               "num_samples": cfg.num_samples >= 1}
@@ -64,6 +76,30 @@ def check_config(server: ServerConfig, cfg: SamplingConfig) -> None:
             raise ConfigError(f"openai generation: {key}={value!r} is out of range")
     if not server.base_url.startswith(("http://", "https://")):
         raise ConfigError(f"openai generation: base_url {server.base_url!r} should start with http:// or https://")
+
+
+def server_prompt_format(server: ServerConfig) -> str:
+    """"alpaca" or "chat": `server.prompt_format` resolved for the served model's folder as the
+    local path resolves it (`resolve_prompt_format`: auto is the format the folder records, else
+    chat when its tokenizer has a template, else alpaca; another format than the recorded one is
+    used as asked, with a warning). Without a local folder: the format asked for, auto being alpaca."""
+    from pathlib import Path
+
+    from prefgym.models.loading import check_model_folder, load_tokenizer
+
+    folder = server.model_folder or (server.served_model if Path(server.served_model).is_dir() else None)
+    if folder is None:
+        if server.prompt_format == "auto":
+            log.warning("openai generation: no local folder of %r to read its prompt format from; sending Alpaca "
+                        "prompts (give --model FOLDER, or --prompt-format chat for a chat model)", server.served_model)
+        return "alpaca" if server.prompt_format == "auto" else server.prompt_format
+    check_model_folder(folder)
+    try:
+        tokenizer = load_tokenizer(folder)
+    except OSError as e:
+        raise ConfigError(f"openai generation: cannot read the tokenizer of {folder} for its prompt format "
+                          f"({str(e)[:200]}); give --prompt-format alpaca or chat") from None
+    return resolve_prompt_format(tokenizer, server.prompt_format)
 
 
 def request_seed(seed: int, index: int, sample: int) -> int:
@@ -89,7 +125,10 @@ def generate_outputs_openai(server: ServerConfig, records: list[dict], cfg: Samp
     from prefgym.seeding import stable_hash
 
     check_config(server, cfg)
-    run_key = stable_hash(server.served_model, server.prompt_format, json.dumps(dataclasses.asdict(cfg), sort_keys=True))
+    server = dataclasses.replace(server, prompt_format=server_prompt_format(server))
+    # Keyed by the decoding and engine settings (how a local model would load is not the server's).
+    decoding = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("dtype", "attn_implementation", "prompt_format")}
+    run_key = stable_hash(server.served_model, server.prompt_format, json.dumps(decoding, sort_keys=True))
     keys = [str(stable_hash(run_key, i, r["instruction"], r.get("input") or "")) for i, r in enumerate(records)]
     done = read_partial(partial_file)
     samples: list[list[str] | None] = [done.get(k) for k in keys]
