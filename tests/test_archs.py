@@ -65,11 +65,13 @@ def _check_trained(before, after, metrics_file=None):
                     assert math.isfinite(value), f"{metrics_file}: {key} = {value}"
 
 
-def test_sft_reward_model_and_preference_methods(arch):
+def test_sft_reward_model_and_preference_methods(arch, extra: dict | None = None):
+    """`extra`: fields every config here gets (the SmolLM2 lane's bf16 + LoRA run passes them)."""
     from prefgym.methods import dpo, feedme, kto, reward_conditioning, reward_model, simpo
     from prefgym.methods.sft import SFTConfig, train_sft
 
     name, root, policy, _ = arch
+    SMALL = dict(globals()["SMALL"], **(extra or {}))
     pairs = str(root / "pairs.jsonl")
     out = train_sft(SFTConfig(model_name_or_path=str(policy), output_dir=str(root / "sft"), max_steps=2,
                               per_device_batch_size=4, lr=1e-2, progress=False, **SMALL), records=DEMOS)
@@ -99,13 +101,14 @@ def _check_finite_rm(folder):
     assert math.isfinite(norm["mean"]) and math.isfinite(norm["std"])
 
 
-def test_online_methods(arch):
+def test_online_methods(arch, extra: dict | None = None):
     from prefgym.methods import grpo, ppo, quark, rloo
 
     name, root, policy, rm = arch
     prompts = str(root / "prompts.jsonl")
+    SMALL = dict(globals()["SMALL"], **(extra or {}))
     rl = dict(policy_model=str(policy), reward_model=str(rm), prompt_file=prompts, steps=2, lr=1e-2,
-              max_new_tokens=4, max_prompt_length=48, missing_eos_penalty=None)
+              max_new_tokens=4, max_prompt_length=48, missing_eos_penalty=None, **(extra or {}))
     out = ppo.train(ppo.PPOConfig(output_dir=str(root / "ppo"), per_device_rollout_batch_size=4, **rl))
     _check_trained(policy, out, out / "metrics.jsonl")
     for module, cls in ((rloo, rloo.RLOOConfig), (grpo, grpo.GRPOConfig)):
@@ -119,14 +122,16 @@ def test_online_methods(arch):
     assert (out / "conditioning.json").exists()
 
 
-def test_sampling_methods(arch):
+def test_sampling_methods(arch, extra: dict | None = None):
     from prefgym.methods import best_of_n, expert_iteration
 
     name, root, policy, rm = arch
     prompts = str(root / "prompts.jsonl")
+    SMALL = dict(globals()["SMALL"], **(extra or {}))
+    no_lora = {k: v for k, v in (extra or {}).items() if not k.startswith("lora_") and k != "use_lora"}
     out = best_of_n.run(best_of_n.BestOfNConfig(
         policy_model=str(policy), reward_model=str(rm), data=prompts, output_file=str(root / "bon" / "out.json"),
-        n=2, max_new_tokens=4, generation_batch_size=4, progress=False))
+        n=2, max_new_tokens=4, generation_batch_size=4, progress=False, **no_lora))
     rows = json.loads(Path(out).read_text())
     assert len(rows) == len(PROMPTS) and all(math.isfinite(r["reward"]) for r in rows)
     out = expert_iteration.train(expert_iteration.ExpertIterationConfig(
@@ -156,8 +161,8 @@ def test_bf16_with_lora_and_gradient_checkpointing(arch):
     out = dpo.train(dpo.DPOConfig(model_name_or_path=str(policy), preference_file=str(root / "pairs.jsonl"),
                                   output_dir=str(root / "dpo_bf16"), per_device_batch_size=4, epochs=1, lr=1e-2,
                                   **SMALL, **extra))
-    assert {t.dtype for t in _weights(out).values()} == {torch.bfloat16}
-    before = {k: v.to(torch.bfloat16) for k, v in _weights(policy).items()}
+    assert {t.dtype for t in _weights(out).values()} == {torch.float32}  # LoRA merged in fp32 (save_model)
+    before = {k: v.to(torch.bfloat16).float() for k, v in _weights(policy).items()}
     after = _weights(out)
     assert any(not torch.equal(before[k], after[k]) for k in after if k in before)
     out = ppo.train(ppo.PPOConfig(policy_model=str(policy), reward_model=str(rm), prompt_file=str(root / "prompts.jsonl"),

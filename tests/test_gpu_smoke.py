@@ -64,7 +64,7 @@ def test_shipped_accelerate_configs_load_with_accelerates_own_loader():
 
     folder = SCRIPT.parents[1] / "configs" / "accelerate"
     expected = {"ddp": (DistributedType.MULTI_GPU, None), "fsdp": (DistributedType.FSDP, None),
-                "deepspeed_zero2": (DistributedType.DEEPSPEED, 2), "deepspeed_zero3": (DistributedType.DEEPSPEED, 3)}
+                "deepspeed_zero2": (DistributedType.DEEPSPEED, 2)}
     assert sorted(p.stem for p in folder.glob("*.yaml")) == sorted(expected)
     for name, (kind, zero) in expected.items():
         cfg = load_config_from_file(str(folder / f"{name}.yaml"))

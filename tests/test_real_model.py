@@ -94,6 +94,18 @@ def test_every_method_trains_on_smollm2_fp32(smollm2_arch):
     test_archs.test_sampling_methods(smollm2_arch)
 
 
+def test_every_method_trains_on_smollm2_bf16_with_lora(smollm2_folder, tmp_path_factory):
+    """The same checks with bf16 weights, LoRA in every config that has it (best-of-n: bf16 only),
+    in a folder of their own (the fp32 lane's finished outputs would be reused, not retrained)."""
+    import test_archs
+
+    arch = _smollm2_arch(smollm2_folder, tmp_path_factory.mktemp("smollm2_bf16_lane"))
+    extra = dict(dtype="bfloat16", use_lora=True, lora_r=4)
+    test_archs.test_sft_reward_model_and_preference_methods(arch, extra)
+    test_archs.test_online_methods(arch, extra)
+    test_archs.test_sampling_methods(arch, extra)
+
+
 def test_smollm2_bf16_lora_and_checkpointing(smollm2_arch):
     import test_archs
 

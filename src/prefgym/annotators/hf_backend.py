@@ -25,7 +25,6 @@ class HFLogprobBackend:
     seeded = False
 
     def __init__(self, judge: JudgeConfig):
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         check_kwargs(judge, {"model_name", "top_logprobs", "device", "dtype", "max_length", "prompt_format"})

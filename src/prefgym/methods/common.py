@@ -225,14 +225,21 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-def apply_lora(model, cfg, task_type: str):
-    """Wrap `model` in LoRA adapters when `cfg.use_lora` (fields lora_r, lora_alpha, lora_dropout)."""
+def apply_lora(model, cfg, task_type: str, trainable_token_indices: Sequence[int] = ()):
+    """Wrap `model` in LoRA adapters when `cfg.use_lora` (fields lora_r, lora_alpha, lora_dropout).
+
+    LoRA adapts linear layers only, so tokens added to the vocabulary (Quark's and reward
+    conditioning's control tokens) would keep the embedding rows they started with: their ids go in
+    `trainable_token_indices`, and those rows train too (peft's trainable tokens; with tied input
+    and output embeddings the output rows follow). `save_model` merges them like the adapters.
+    """
     if not cfg.use_lora:
         return model
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules="all-linear", task_type=task_type)
+                      target_modules="all-linear", task_type=task_type,
+                      trainable_token_indices=list(trainable_token_indices) or None)
     with warnings.catch_warnings():  # peft reads transformers 5's deprecated `is_gradient_checkpointing`
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, lora)
@@ -246,15 +253,31 @@ def unwrap_peft(model):
 
 
 def save_model(model, tokenizer, out_dir: str | Path) -> Path:
-    """`save_pretrained` (safetensors) of a plain model, merging LoRA adapters first."""
+    """`save_pretrained` (safetensors) of a plain model, merging LoRA adapters first (`_merged_in_fp32`:
+    a LoRA model on a bf16 / fp16 base is saved in float32, which keeps its update). A peft model is
+    merged in place, on the CPU: it is not for training after this."""
     from peft import PeftModel
 
     out_dir = Path(out_dir)
     if isinstance(model, PeftModel):
-        model = model.merge_and_unload()
+        model = _merged_in_fp32(model)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def _merged_in_fp32(model):
+    """The plain model of a peft `model`, its adapters merged in float32 and left float32.
+
+    peft's `merge_and_unload` adds the fp32 update B·A to the base weights in their dtype: on a bf16
+    base every weight is rounded to bf16 again (8 significant bits), and an update smaller
+    than that step, which the unmerged model keeps (base output + x·A·B), is lost. Upcasting the
+    model first merges W + ΔW in fp32; the folder is then an ordinary float32 checkpoint (twice a
+    bf16 one), and its config says float32, so a load in the folder's dtype keeps the update. The
+    merge runs on the CPU, where the weights go to be written anyway: an fp32 copy of a model
+    trained in bf16 need not fit on its GPU beside the optimizer's state.
+    """
+    return model.to("cpu", torch.float32).merge_and_unload()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,12 +422,27 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     return model.score(hidden).squeeze(-1).float()
 
 
+def no_split_modules(*models) -> list[str]:
+    """Class names of the blocks (decoder layers) of these transformers models, peft wrappers read
+    through: a wrapper module exposes them as `_no_split_modules`, so that FSDP's
+    TRANSFORMER_BASED_WRAP (which reads that attribute of the module given to `prepare`) shards
+    each decoder layer as its own unit instead of the whole model as one."""
+    names = set()
+    for model in models:
+        names.update(getattr(model, "_no_split_modules", None) or ())
+    return sorted(names)
+
+
 class TokenScorer(torch.nn.Module):
     """`token_scores` as a module's forward, so that data-parallel wrappers see the call."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        return no_split_modules(self.model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return token_scores(self.model, input_ids, attention_mask)
@@ -783,9 +821,22 @@ def make_progress(accelerator=None):
                     console=stderr_console())
 
 
+@contextmanager
 def no_sync_unless(accelerator, model, last: bool):
-    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation."""
-    return nullcontext() if last else accelerator.no_sync(model)
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation. Under
+    DeepSpeed, whose engine takes the optimizer step inside `accelerator.backward` at the end of
+    an accumulation, the others are marked as not ending one (as `accelerator.accumulate` does)."""
+    from accelerate.utils import DistributedType
+
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:
+        accelerator.gradient_state._set_sync_gradients(last)
+    try:
+        with nullcontext() if last else accelerator.no_sync(model):
+            yield
+    finally:
+        if deepspeed:
+            accelerator.gradient_state._set_sync_gradients(True)
 
 
 def preference_target(preference, row: int | None = None, path=None) -> float:

@@ -150,6 +150,10 @@ class PairLogps(torch.nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        return common.no_split_modules(self.model)
+
     def forward(self, prompt_ids, prompt_mask, response_ids, response_mask) -> tuple[torch.Tensor, torch.Tensor]:
         # prompt_* (B, P); response_* (2B, R): rows 2i and 2i+1 are pair i's chosen and rejected
         if self.training and any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules()):

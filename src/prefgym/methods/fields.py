@@ -1,5 +1,5 @@
 """Config fields every method shares, defined once: how models load, LoRA, reward-model ensembles,
-experiment tracking, the generation engine.
+experiment tracking, the generation engine; and a DeepSpeed launch's config fitted to the method.
 
 A method's config inherits them (`class DPOConfig(TrainFields, LoraFields)`), so `--set
 dtype=bfloat16`, `--set gradient_checkpointing=true` or `--set report_to=tensorboard` work on
@@ -157,9 +157,66 @@ def accelerator_kwargs(cfg, output_dir: str | Path) -> dict:
 
 
 def start_tracking(accelerator, cfg, name: str) -> None:
-    """Start the trackers (run `name`, the config as hyper-parameters); nothing when none were asked for."""
+    """Start the trackers (run `name`, the config as hyper-parameters); nothing when none were asked for.
+
+    Every training loop calls it once its Accelerator exists and before `accelerator.prepare`, so
+    it also fits a DeepSpeed launch's config to the method (`fit_deepspeed_config`)."""
+    if accelerator.state.deepspeed_plugin is not None:
+        fit_deepspeed_config(accelerator.state.deepspeed_plugin, cfg)
     if accelerator.log_with:
         accelerator.init_trackers(name, config=_flat_config(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed
+
+
+def micro_batch_size(cfg) -> int:
+    """Sequences (or pairs) one process passes forward and backward at a time: per_device_batch_size;
+    PPO's rollout batch, RLOO's / GRPO's prompts x k, over their mini-batches."""
+    if hasattr(cfg, "per_device_batch_size"):
+        return cfg.per_device_batch_size
+    if hasattr(cfg, "per_device_rollout_batch_size"):
+        return max(1, cfg.per_device_rollout_batch_size // cfg.num_mini_batches)
+    if hasattr(cfg, "per_device_prompts"):
+        return max(1, cfg.per_device_prompts * cfg.k // cfg.num_mini_batches)
+    return 1
+
+
+def check_deepspeed_stage(plugin) -> None:
+    """ConfigError for ZeRO stage 3: it partitions every model transformers loads once the
+    Accelerator exists (the reference and reward models too, which prefgym runs unprepared), and
+    the saved model would need gathering; stages 0 to 2 keep whole weights on each process."""
+    if plugin.zero_stage == 3:
+        raise ConfigError("DeepSpeed ZeRO stage 3 is not supported (reference and reward models would be "
+                          "partitioned unprepared); use configs/accelerate/deepspeed_zero2.yaml or fsdp.yaml")
+
+
+_FITTED = "_prefgym_fitted"  # the plugin attribute naming the keys prefgym filled (and may fill again)
+
+
+def fit_deepspeed_config(plugin, cfg):
+    """Fill what Accelerate cannot without a DataLoader given to `prepare` (every prefgym loop
+    batches by hand), where the config leaves it to us ('auto', or filled by us for an earlier
+    training of the launch, which shares the plugin): train_micro_batch_size_per_gpu
+    (`micro_batch_size`), train_batch_size (back to auto: Accelerate multiplies), gradient_clipping
+    (the method's max_grad_norm; 0, none, for methods that do not clip). gradient_accumulation_steps must be 1: prefgym's loops
+    accumulate `grad_accum` micro-batches themselves, loss scaled, and tell DeepSpeed where an
+    accumulation ends (`common.no_sync_unless`). Returns the plugin."""
+    check_deepspeed_stage(plugin)
+    config, fitted = plugin.deepspeed_config, getattr(plugin, _FITTED, set())
+    gas = config.get("gradient_accumulation_steps", 1)
+    if gas not in (1, "auto"):
+        raise ConfigError(f"DeepSpeed gradient_accumulation_steps is {gas!r}; set it to 1 (or auto) and use the "
+                          "method's grad_accum: prefgym accumulates micro-batches itself")
+    values = {"train_micro_batch_size_per_gpu": micro_batch_size(cfg), "train_batch_size": "auto",
+              "gradient_accumulation_steps": 1, "gradient_clipping": float(getattr(cfg, "max_grad_norm", 0.0) or 0.0)}
+    for key, value in values.items():
+        if config.get(key, "auto") == "auto" or key in fitted:
+            config[key] = value
+            fitted.add(key)
+    setattr(plugin, _FITTED, fitted)
+    return plugin
 
 
 def track(accelerator, metrics: dict, step: int | None = None) -> None:

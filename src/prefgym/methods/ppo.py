@@ -253,6 +253,10 @@ class PolicyAndValue(torch.nn.Module):
         self.policy = policy
         self.value_model = value_model
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        return common.no_split_modules(self.policy, self.value_model)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, logits_to_keep or T, V) of the last positions, and (B, T) values."""

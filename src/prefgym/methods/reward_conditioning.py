@@ -7,9 +7,11 @@ with `<bad>`; ties are dropped. At inference the model is asked for `<good>` out
 The control token goes in front of the instruction ("<good>Sort the numbers ..."), so the
 Alpaca prompt is otherwise unchanged and the ordinary SFT code path trains the model. The tokens
 are added to the tokenizer as special tokens and the embeddings resized (new rows start at the
-mean of the old ones). The token to use at inference is recorded in `conditioning.json` and
-README.md next to the model; `generate_conditioned_outputs` applies it (a drop-in for
-`generate_outputs` that works for any model folder, conditioned or not).
+mean of the old ones, nearly equal); with `use_lora` the two rows train beside the adapters
+(`common.apply_lora`'s trainable tokens), without which they would stay nearly equal and the model
+could not tell `<good>` from `<bad>`. The token to use at inference is recorded in
+`conditioning.json` and README.md next to the model; `generate_conditioned_outputs` applies it (a
+drop-in for `generate_outputs` that works for any model folder, conditioned or not).
 
 The small helpers for control tokens below are shared with Quark.
 """
@@ -96,14 +98,18 @@ def generate_conditioned_outputs(model_path: str | os.PathLike, records: list[di
     return [{**row, "instruction": r["instruction"]} for row, r in zip(rows, records)]
 
 
-def prepare_conditioned_model(model_name_or_path: str, tokens: list[str], out_dir: str | os.PathLike) -> Path:
-    """Save `model_name_or_path` with `tokens` added (embeddings resized) to `out_dir`; returns it."""
+def prepare_conditioned_model(model_name_or_path: str, tokens: list[str], out_dir: str | os.PathLike,
+                              cfg=None) -> Path:
+    """Save `model_name_or_path` with `tokens` added (embeddings resized) to `out_dir`; returns it.
+
+    Loaded (and so saved) as `cfg` says (ModelFields: dtype, attn_implementation), float32 without.
+    """
     from prefgym.models import load_model_and_tokenizer
 
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         return out_dir  # made by an earlier, interrupted run
-    model, tokenizer = load_model_and_tokenizer(model_name_or_path)
+    model, tokenizer = load_model_and_tokenizer(model_name_or_path, cfg=cfg)
     add_control_tokens(model, tokenizer, tokens)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -192,9 +198,10 @@ def train(cfg: RewardConditioningConfig, pairs: list[dict] | None = None) -> Pat
 
     with processes().main_process_first():
         init = prepare_conditioned_model(cfg.model_name_or_path, [cfg.good_token, cfg.bad_token],
-                                         out / "init_model")
-    # 2. Supervised fine-tuning on the conditioned demonstrations.
-    train_sft(sft_config(cfg, model_name_or_path=str(init), train_file=None, split=None), records=records)
+                                         out / "init_model", cfg=cfg)
+    # 2. Supervised fine-tuning on the conditioned demonstrations (under LoRA the tokens' rows train too).
+    train_sft(sft_config(cfg, model_name_or_path=str(init), train_file=None, split=None), records=records,
+              trainable_tokens=(cfg.good_token, cfg.bad_token))
     # 3. Record how to condition at inference.
     if is_main_process():
         write_conditioning(out, cfg.good_token, "binary reward conditioning",

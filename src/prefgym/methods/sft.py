@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -77,12 +77,14 @@ class SFTConfig(TrainFields, LoraFields):
     """Turn dropout off in the model (as TRL's preference trainers do); expert iteration inherits it."""
 
 
-def train_sft(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
+def train_sft(cfg: SFTConfig, records: list[dict] | None = None, trainable_tokens: tuple[str, ...] = ()) -> Path:
     """Fine-tune `cfg.model_name_or_path` on `records` (or `cfg.train_file`); return the output dir.
 
     The output dir holds the model and tokenizer in save_pretrained format (safetensors),
     `metrics.jsonl` (step, epoch, loss, lr, tokens, tokens_per_s), `sft_config.json` and
     `checkpoints/`. A finished run is not redone when called again with resume=True.
+    `trainable_tokens` (tokens of the model's tokenizer, e.g. control tokens added to it): with
+    `use_lora`, their embedding rows train beside the adapters (`common.apply_lora`).
     """
     import torch
     from transformers import get_scheduler
@@ -94,7 +96,7 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
     from prefgym.models import collate, load_model_and_tokenizer, tokenize_example
     from prefgym.seeding import seed_everything, stable_hash
 
-    from prefgym.methods.common import CheckpointSchedule, check_output_dir, end_training
+    from prefgym.methods.common import CheckpointSchedule, check_output_dir, end_training, no_sync_unless
 
     out = Path(cfg.output_dir)
     state_file = out / "training_state.json"
@@ -118,7 +120,8 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
     model, tokenizer = load_model_and_tokenizer(model_path, cfg=cfg, trainable=True)
     from prefgym.methods.common import apply_lora
 
-    model = apply_lora(model, cfg, task_type="CAUSAL_LM")
+    model = apply_lora(model, cfg, task_type="CAUSAL_LM",
+                       trainable_token_indices=_token_ids(tokenizer, trainable_tokens, model_path))
     if cfg.disable_dropout:
         from prefgym.methods.common import disable_dropout
 
@@ -187,7 +190,7 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
                 batch = collate([examples[i] for i in micro], tokenizer.pad_token_id)
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 sync = m == cfg.grad_accum - 1
-                with accelerator.no_sync(model) if not sync else nullcontext():
+                with no_sync_unless(accelerator, model, sync):
                     ce_sum = _response_loss_sum(model, batch)
                     # x n_proc: DDP averages gradients over processes; we want the global sum / tokens.
                     accelerator.backward(ce_sum * n_proc / max(step_targets, 1))
@@ -304,6 +307,15 @@ def _restore(accelerator, out: Path, metrics_file: Path) -> int:
         write_jsonl(metrics_file, [r for r in rows if r["step"] <= step])
     accelerator.wait_for_everyone()
     return step
+
+
+def _token_ids(tokenizer, tokens, model_path) -> list[int]:
+    """The ids of `tokens`, each a single token of the tokenizer (ConfigError naming one that is not)."""
+    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    for token, i in zip(tokens, ids):
+        if i is None or tokenizer.convert_ids_to_tokens(i) != token:  # unknown: the unk id
+            raise ConfigError(f"{model_path}: {token!r} is not a token of the tokenizer; add it first")
+    return ids
 
 
 def _save_final(model, tokenizer, out: Path) -> None:

@@ -325,7 +325,10 @@ def full_weights(model) -> list[tuple[str, torch.Tensor]]:
     it was. (peft's merge_adapter / unmerge_adapter would round the base weights, and with them the
     reference PPO reads with the adapters off, a little at every sync.) LoRA, not vLLM's
     LoRARequest: no adapter files written per update, no LoRA kernels, any target module.
+    The merged weights are fp32 whatever the base's dtype (on a bf16 base, W + ΔW in bf16 would lose
+    an update below bf16's step); the engine casts them to its own dtype as it loads them.
     """
+    import torch
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
     from peft.tuners.trainable_tokens import TrainableTokensLayer
@@ -336,9 +339,10 @@ def full_weights(model) -> list[tuple[str, torch.Tensor]]:
     weights = []
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer):
-            delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
+            with torch.no_grad():
+                delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
             for key, p in module.get_base_layer().named_parameters():
-                weights.append((f"{name}.{key}", p.detach() + delta if key == "weight" else p.detach()))
+                weights.append((f"{name}.{key}", p.detach().float() + delta if key == "weight" else p.detach()))
         elif isinstance(module, TrainableTokensLayer):  # trained rows of an embedding (Quark's reward tokens)
             weights.append((f"{name.removesuffix('.token_adapter')}.weight",
                             module.get_merged_weights(module.active_adapters).detach()))

@@ -1,0 +1,412 @@
+"""The shipped Accelerate configs (configs/accelerate/) fit every training loop.
+
+FSDP: the wrapper modules the loops hand to `accelerator.prepare` (TokenScorer, PairLogps,
+PolicyAndValue) expose their models' decoder-layer classes, so Accelerate's
+TRANSFORMER_BASED_WRAP gives each decoder layer its own FSDP unit (checked with Accelerate's own
+auto-wrap policy functions, plain and LoRA models of two architectures; slow: Accelerate's FSDP 2
+preparation on 2 gloo processes, which Accelerate's launcher does not make on CPU).
+
+DeepSpeed: no loop passes a DataLoader to `prepare`, so prefgym fills the batch fields Accelerate
+would otherwise refuse to guess (`fields.fit_deepspeed_config`), and marks where an accumulation of
+micro-batches ends (`common.no_sync_unless`). The launch environment comes from Accelerate's own
+launcher code. The slow tests at the end run real DeepSpeed ZeRO-2 (one CPU process) when the
+`deepspeed` package is importable, and are skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import socket
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from prefgym.errors import ConfigError
+from prefgym.methods import fields
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP: decoder layers are their own units
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    from prefgym.models.tiny import make_tiny_tokenizer
+
+    return make_tiny_tokenizer(tempfile.mkdtemp(prefix="prefgym-tokenizer-"))
+
+
+def _tiny(arch: str, seq_cls: bool = False, lora: bool = False):
+    """A tiny random causal LM (or, `seq_cls`, a sequence classifier of its config), optionally LoRA-wrapped."""
+    from transformers import AutoModelForSequenceClassification
+
+    from prefgym.models.tiny import make_tiny_model
+
+    model = make_tiny_model(arch, _tokenizer(), num_layers=2)
+    if seq_cls:
+        model.config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(model.config)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear",
+                                                 task_type="SEQ_CLS" if seq_cls else "CAUSAL_LM"))
+    return model
+
+
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder layers of a (possibly LoRA-wrapped) tiny model, found by position, not by class name."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(base, "model", None) or base.transformer
+    return list(body.layers if hasattr(body, "layers") else body.h)
+
+
+def _wrappers(arch: str, lora: bool):
+    """(name, wrapper as the loops build it, its decoder layers) for each wrapper the loops prepare."""
+    from prefgym.methods.common import TokenScorer
+    from prefgym.methods.dpo import PairLogps
+    from prefgym.methods.ppo import PolicyAndValue
+
+    other = {"llama": "gpt2", "gpt2": "llama"}[arch]  # a value model of another architecture: both kinds of layer
+    rm, lm, policy, value = (_tiny(arch, seq_cls=True, lora=lora), _tiny(arch, lora=lora),
+                             _tiny(arch, lora=lora), _tiny(other, seq_cls=True))
+    return [("TokenScorer", TokenScorer(rm), _decoder_layers(rm)),
+            ("PairLogps", PairLogps(lm), _decoder_layers(lm)),
+            ("PolicyAndValue", PolicyAndValue(policy, value), _decoder_layers(policy) + _decoder_layers(value))]
+
+
+def _shipped_fsdp_plugin(version: int):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    fsdp = yaml.safe_load((CONFIGS / "fsdp.yaml").read_text())["fsdp_config"]
+    assert fsdp["fsdp_version"] == 2
+    return FullyShardedDataParallelPlugin(fsdp_version=version, auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"].lower())
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fsdp2_auto_wrap_gives_each_decoder_layer_of_every_wrapper_its_own_unit(arch, lora):
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    plugin = _shipped_fsdp_plugin(2)
+    for name, wrapper, layers in _wrappers(arch, lora):
+        policy = fsdp2_prepare_auto_wrap_policy(plugin, wrapper)
+        units = [m for m in wrapper.modules() if policy(m)]
+        assert len(units) == len(layers) == (4 if name == "PolicyAndValue" else 2), name
+        assert {id(m) for m in units} == {id(m) for m in layers}, name
+
+
+def test_fsdp1_auto_wrap_policy_reads_the_same_classes():
+    """FSDP 1 (`fsdp_version: 1` in a user's config) builds its policy from the same attribute."""
+    from prefgym.methods.dpo import PairLogps
+
+    plugin = _shipped_fsdp_plugin(1)
+    model = PairLogps(_tiny("gpt2", lora=True))
+    plugin.set_auto_wrap_policy(model)
+    assert {c.__name__ for c in plugin.auto_wrap_policy.keywords["transformer_layer_cls"]} == {"GPT2Block"}
+
+
+def test_no_split_modules_joins_the_models_and_reads_through_peft():
+    from prefgym.methods.common import no_split_modules
+
+    llama, gpt2 = _tiny("llama", lora=True), _tiny("gpt2")
+    assert no_split_modules(llama) == ["LlamaDecoderLayer"]
+    assert no_split_modules(llama, gpt2) == ["GPT2Block", "LlamaDecoderLayer"]
+    assert no_split_modules(torch.nn.Linear(2, 2)) == []
+
+
+FSDP_SCRIPT = textwrap.dedent("""
+    import copy, json, sys
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import AutoModelForSequenceClassification
+    from prefgym.methods.common import TokenScorer
+    from prefgym.methods.dpo import PairLogps
+    from prefgym.methods.ppo import PolicyAndValue
+    from prefgym.models.tiny import make_tiny_model, make_tiny_tokenizer
+
+    accelerator = Accelerator(cpu=True)  # gloo; Accelerate makes FSDP only on GPUs, so its FSDP 2 step is called here
+    tokenizer = make_tiny_tokenizer(sys.argv[1] + "/tokenizer")
+    torch.manual_seed(0)
+    lm = make_tiny_model("llama", tokenizer, num_layers=2)
+    value = make_tiny_model("gpt2", tokenizer, num_layers=2)
+    value = AutoModelForSequenceClassification.from_config(value.config)
+    wrappers = {"PairLogps": PairLogps(lm), "TokenScorer": TokenScorer(copy.deepcopy(value)),
+                "PolicyAndValue": PolicyAndValue(copy.deepcopy(lm), copy.deepcopy(value))}
+    batch = (torch.tensor([[1, 5, 6, 7], [0, 1, 5, 9]]), torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]),
+             torch.tensor([[8, 9, 2], [10, 11, 2], [8, 2, 0], [9, 9, 2]]),
+             torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 1, 1]]))
+    whole = [t.tolist() for t in copy.deepcopy(wrappers["PairLogps"])(*batch)]
+    result = {"whole": whole}
+    for name, wrapper in wrappers.items():
+        layer_names = [n for n, m in wrapper.named_modules() if type(m).__name__ in ("LlamaDecoderLayer", "GPT2Block")]
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(  # one per model, as one per launch
+            fsdp_version=2, auto_wrap_policy=sys.argv[2], cpu_ram_efficient_loading=False)
+        sharded = fsdp2_prepare_model(accelerator, wrapper)
+        result[name] = [n for n in layer_names if isinstance(sharded.get_submodule(n), FSDPModule)]
+        result[name + "/layers"] = layer_names
+        if name == "PairLogps":
+            chosen, rejected = sharded(*batch)
+            (chosen - rejected).sum().backward()
+            result["sharded"] = [chosen.tolist(), rejected.tolist()]
+    if accelerator.is_main_process:
+        with open(sys.argv[1] + "/result.json", "w") as f:
+            json.dump(result, f)
+    torch.distributed.destroy_process_group()
+""")
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_cpu_processes_shards_each_decoder_layer_and_computes_the_whole_models_values(tmp_path):
+    """Accelerate's own FSDP 2 preparation (`fsdp2_prepare_model`, the shipped config's policy) on 2
+    gloo processes: every decoder layer of each wrapper is an FSDP unit, and PairLogps's two-pass
+    forward (prompt, then responses on its cache) gives the unsharded model's log-probs, backward too."""
+    import json
+
+    from helpers import run_process
+
+    policy = yaml.safe_load((CONFIGS / "fsdp.yaml").read_text())["fsdp_config"]["fsdp_auto_wrap_policy"].lower()
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP_SCRIPT)
+    run_process([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                 str(_port()), str(script), str(tmp_path), policy],
+                env={**_env(), "ACCELERATE_USE_CPU": "1"}, timeout=300, check=True)
+    result = json.loads((tmp_path / "result.json").read_text())
+    for name, count in (("PairLogps", 2), ("TokenScorer", 2), ("PolicyAndValue", 4)):
+        assert len(result[name + "/layers"]) == count and result[name] == result[name + "/layers"], name
+    torch.testing.assert_close(torch.tensor(result["sharded"]), torch.tensor(result["whole"]), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed: the plugin Accelerate builds from the shipped config, fitted by prefgym
+
+
+def _launch_env(config: Path) -> dict[str, str]:
+    """The ACCELERATE_* variables `accelerate launch --config_file CONFIG` gives each process
+    (Accelerate's own launcher functions; nothing is started)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), "--mixed_precision", "no", "x.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command does
+    _, env = prepare_deepspeed_cmd_env(args)
+    return {k: v for k, v in env.items() if k.startswith("ACCELERATE_")}
+
+
+@pytest.fixture
+def zero2_env(monkeypatch):
+    for key, value in _launch_env(CONFIGS / "deepspeed_zero2.yaml").items():
+        monkeypatch.setenv(key, value)
+    return monkeypatch
+
+
+def _configs():
+    from prefgym.methods import dpo, ppo, reward_model, rloo, sft
+
+    return {"sft": sft.SFTConfig(per_device_batch_size=3, grad_accum=2, max_grad_norm=0.5),
+            "reward-model": reward_model.RewardModelConfig(per_device_batch_size=5),
+            "dpo": dpo.DPOConfig(per_device_batch_size=6, grad_accum=4),
+            "ppo": ppo.PPOConfig(per_device_rollout_batch_size=16, num_mini_batches=4),
+            "rloo": rloo.RLOOConfig(per_device_prompts=3, k=4, num_mini_batches=2)}
+
+
+def test_shipped_deepspeed_config_leaves_batch_fields_to_prefgym(zero2_env):
+    """Without prefgym's filling, Accelerate's `prepare` raises: the audit's failure, reproduced at its condition."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin()  # what Accelerate builds from the launch environment
+    assert plugin.zero_stage == 2 and plugin.is_auto("train_micro_batch_size_per_gpu")
+
+
+def _start_tracking(cfg):
+    """`fields.start_tracking` as a loop calls it, on an Accelerator whose state holds the plugin
+    Accelerate builds from the launch environment; returns that plugin."""
+    import types
+
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin()
+    accelerator = types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin), log_with=[])
+    fields.start_tracking(accelerator, cfg, "test")
+    return plugin
+
+
+@pytest.mark.parametrize("name, micro, clip", [("sft", 3, 0.5), ("reward-model", 5, 0.0), ("dpo", 6, 0.0),
+                                                ("ppo", 4, 1.0), ("rloo", 6, 1.0)])
+def test_start_tracking_fits_each_methods_micro_batch_and_clipping_to_deepspeed(zero2_env, name, micro, clip):
+    plugin = _start_tracking(_configs()[name])
+    config = plugin.deepspeed_config
+    assert not plugin.is_auto("train_micro_batch_size_per_gpu")  # the condition of Accelerate's ValueError
+    assert config["train_micro_batch_size_per_gpu"] == micro
+    assert config["gradient_clipping"] == clip  # the loop's max_grad_norm; 0 (none) where the loop does not clip
+    assert config["gradient_accumulation_steps"] == 1 and config["train_batch_size"] == "auto"
+
+
+def test_a_later_training_of_the_launch_refits_the_plugin_and_keeps_what_the_user_set(zero2_env):
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = fields.fit_deepspeed_config(DeepSpeedPlugin(), _configs()["dpo"])
+    plugin.deepspeed_config["train_batch_size"] = 12  # what Accelerate's prepare writes back
+    fields.fit_deepspeed_config(plugin, _configs()["sft"])
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 3
+    assert plugin.deepspeed_config["train_batch_size"] == "auto" and plugin.deepspeed_config["gradient_clipping"] == 0.5
+    mine = DeepSpeedPlugin()
+    mine.deepspeed_config.update(train_micro_batch_size_per_gpu=7, gradient_clipping=2.0)
+    fields.fit_deepspeed_config(mine, _configs()["dpo"])
+    assert mine.deepspeed_config["train_micro_batch_size_per_gpu"] == 7 and mine.deepspeed_config["gradient_clipping"] == 2.0
+
+
+def test_deepspeed_gradient_accumulation_and_zero3_are_refused_with_a_message(zero2_env):
+    zero2_env.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps is 4; set it to 1"):
+        _start_tracking(_configs()["dpo"])
+    zero2_env.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    zero2_env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ConfigError, match="ZeRO stage 3 is not supported"):
+        _start_tracking(_configs()["dpo"])
+
+
+def test_no_sync_unless_ends_an_accumulation_only_on_the_last_micro_batch_under_deepspeed():
+    """DeepSpeed's engine steps inside `accelerator.backward` whenever sync_gradients is set."""
+    import types
+
+    from accelerate.state import GradientState
+    from accelerate.utils import DistributedType
+
+    from prefgym.methods.common import no_sync_unless
+
+    state = GradientState()
+    acc = types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, gradient_state=state,
+                                no_sync=lambda model: __import__("contextlib").nullcontext())
+    seen = []
+    for micro in range(3):
+        with no_sync_unless(acc, None, micro == 2):
+            seen.append(state.sync_gradients)
+    assert seen == [False, False, True] and state.sync_gradients is True
+    with pytest.raises(RuntimeError), no_sync_unless(acc, None, False):
+        raise RuntimeError("a failed micro-batch")
+    assert state.sync_gradients is True  # restored whatever happens
+
+
+# ---------------------------------------------------------------------------------------------
+# Real DeepSpeed (ZeRO-2, one CPU process): every training loop trains what it trains without it
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is not installed")
+
+METHOD_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from prefgym.io import write_jsonl
+    from prefgym.methods import dpo, kto, ppo, quark, reward_model, rloo, grpo, simpo
+    from prefgym.methods.sft import SFTConfig, train_sft
+    from test_archs import DEMOS, PAIRS, PROMPTS
+    method, root, out = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    policy, rm, pairs, prompts = str(root / "policy"), str(root / "rm"), str(root / "pairs.jsonl"), str(root / "prompts.jsonl")
+    pref = dict(model_name_or_path=policy, preference_file=pairs, per_device_batch_size=2, grad_accum=2, epochs=1,
+                lr=1e-2, max_length=64, output_dir=out)
+    rl = dict(policy_model=policy, reward_model=rm, prompt_file=prompts, steps=2, lr=1e-2, max_new_tokens=4,
+              max_prompt_length=48, missing_eos_penalty=None, output_dir=out)
+    if method == "sft":
+        train_sft(SFTConfig(model_name_or_path=policy, output_dir=out, max_steps=2, per_device_batch_size=2,
+                            grad_accum=2, lr=1e-2, progress=False, max_length=64), records=DEMOS)
+    elif method == "reward-model":
+        reward_model.train(reward_model.RewardModelConfig(eval_fraction=0.0, **pref))
+    elif method == "reward-model-ensemble":  # two trainings in one launch: the second refits the plugin
+        reward_model.train_ensemble(reward_model.RewardModelConfig(eval_fraction=0.25, ensemble_size=2, **pref))
+    elif method in ("dpo", "simpo", "kto"):
+        module = dict(dpo=dpo, simpo=simpo, kto=kto)[method]
+        module.train(dict(dpo=dpo.DPOConfig, simpo=simpo.SimPOConfig, kto=kto.KTOConfig)[method](**pref))
+    elif method == "ppo":
+        ppo.train(ppo.PPOConfig(per_device_rollout_batch_size=4, num_mini_batches=2, **rl))
+    elif method in ("rloo", "grpo"):
+        module = dict(rloo=rloo, grpo=grpo)[method]
+        module.train(dict(rloo=rloo.RLOOConfig, grpo=grpo.GRPOConfig)[method](per_device_prompts=2, k=2, **rl))
+    elif method == "online-dpo":  # on the tiny world: its annotator pool labels the pairs
+        from prefgym.io import read_records
+        from prefgym.methods import online_dpo
+        world = root / "world"
+        online_dpo.train(online_dpo.OnlineDPOConfig(
+            policy_model=str(world / "base_model"), output_dir=out, rounds=2, pairs_per_round=4, steps_per_round=2,
+            per_device_batch_size=2, max_new_tokens=4, max_prompt_length=64, max_length=96, lr=1e-2, seed=3),
+            read_records(world / "data" / "preference.json")[:8])
+    elif method == "quark":
+        quark.train(quark.QuarkConfig(policy_model=policy, reward_model=rm, prompts_file=prompts, output_dir=out,
+                    num_quantiles=2, iterations=1, rollout_batch_size=4, steps_per_iteration=2,
+                    per_device_batch_size=2, grad_accum=2, lr=1e-2, warmup_steps=1, max_new_tokens=4,
+                    progress=False, max_length=64))
+""")
+
+DS_METHODS = ["sft", "reward-model", "reward-model-ensemble", "dpo", "simpo", "kto", "ppo", "rloo", "grpo", "quark",
+              "online-dpo"]
+
+
+@pytest.fixture(scope="module")
+def ds_root(tmp_path_factory, tiny_world):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from prefgym.io import write_jsonl
+    from prefgym.methods.common import load_tokenizer
+    from prefgym.models.tiny import make_tiny_checkpoint
+    from test_archs import PAIRS, PROMPTS
+
+    root = tmp_path_factory.mktemp("deepspeed")
+    policy = make_tiny_checkpoint(root / "policy", "llama")
+    config = AutoConfig.from_pretrained(policy)
+    config.num_labels = 1
+    torch.manual_seed(1)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(root / "rm")
+    load_tokenizer(policy).save_pretrained(root / "rm")
+    write_jsonl(root / "prompts.jsonl", PROMPTS)
+    write_jsonl(root / "pairs.jsonl", PAIRS)
+    (root / "world").symlink_to(tiny_world)
+    (root / "run_method.py").write_text(METHOD_SCRIPT.format(tests=os.path.dirname(__file__)))
+    return root
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_deepspeed
+@pytest.mark.slow
+@pytest.mark.parametrize("method", DS_METHODS)
+def test_every_training_command_under_deepspeed_zero2_trains_the_model_it_trains_without(ds_root, tmp_path, method):
+    """One process under the shipped ZeRO-2 config against plain Python: the same weights (grad_accum 2
+    where the method has it, so a step per micro-batch, or a clipping the loop does not do, shows)."""
+    from safetensors.torch import load_file
+
+    from helpers import run_process
+
+    script = str(ds_root / "run_method.py")
+    run_process([sys.executable, script, method, str(ds_root), str(tmp_path / "plain")], env=_env(), check=True)
+    run_process([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                 str(CONFIGS / "deepspeed_zero2.yaml"), "--num_processes", "1", "--mixed_precision", "no",
+                 "--main_process_port", str(_port()), script, method, str(ds_root), str(tmp_path / "ds")],
+                env=_env(), timeout=600, check=True)
+    weights = "member-1/model.safetensors" if method == "reward-model-ensemble" else "model.safetensors"
+    plain, ds = load_file(str(tmp_path / "plain" / weights)), load_file(str(tmp_path / "ds" / weights))
+    start = load_file(str(ds_root / ("world/base_model" if method == "online-dpo" else "policy") / "model.safetensors"))
+    assert any(not torch.equal(plain[k], start[k]) for k in start if k in plain)  # training moved the weights
+    for k in plain:
+        torch.testing.assert_close(ds[k], plain[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{method} {k}: {m}")
