@@ -4,7 +4,10 @@ FSDP: the wrapper modules the loops hand to `accelerator.prepare` (TokenScorer, 
 PolicyAndValue) expose their models' decoder-layer classes, so Accelerate's
 TRANSFORMER_BASED_WRAP gives each decoder layer its own FSDP unit (checked with Accelerate's own
 auto-wrap policy functions, plain and LoRA models of two architectures; slow: Accelerate's FSDP 2
-preparation on 2 gloo processes, which Accelerate's launcher does not make on CPU).
+preparation on 2 gloo processes, which Accelerate's launcher does not make on CPU). Saving: every
+process gathers the full weights and the main process writes them (`common.save_trained`); slow: DPO
+(full, LoRA) and SFT (checkpointed, killed, resumed) on 2 processes with the state set to FSDP 2 save
+the weights one process saves.
 
 DeepSpeed: no loop passes a DataLoader to `prepare`, so prefgym fills the batch fields Accelerate
 would otherwise refuse to guess (`fields.fit_deepspeed_config`), and marks where an accumulation of
@@ -410,3 +413,142 @@ def test_every_training_command_under_deepspeed_zero2_trains_the_model_it_trains
     assert any(not torch.equal(plain[k], start[k]) for k in start if k in plain)  # training moved the weights
     for k in plain:
         torch.testing.assert_close(ds[k], plain[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{method} {k}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving under FSDP: the full weights gathered on every process, written by the main one
+
+FSDP_METHOD_SCRIPT = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    import yaml
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    # Accelerate makes FSDP only on GPUs: on 2 gloo processes the state is set to FSDP 2 with the
+    # shipped config's plugin fields, so the loops' own `prepare` and saves run Accelerate's FSDP 2 code.
+    shipped = yaml.safe_load(open({config!r}))["fsdp_config"]
+    _init = AcceleratorState.__init__
+    def _fsdp_init(self, *args, **kwargs):
+        _init(self, *args, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            if getattr(self, "fsdp_plugin", None) is None:
+                self.fsdp_plugin = FullyShardedDataParallelPlugin(
+                    fsdp_version=shipped["fsdp_version"], auto_wrap_policy=shipped["fsdp_auto_wrap_policy"].lower(),
+                    state_dict_type=shipped["fsdp_state_dict_type"], cpu_ram_efficient_loading=False)
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        AcceleratorState.__init__ = _fsdp_init
+
+    sys.path.insert(0, {tests!r})
+    from prefgym.methods import dpo
+    from prefgym.methods.sft import SFTConfig, train_sft
+    from test_archs import DEMOS
+    method, root, out, lora = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "lora"
+    accum = 2 // int(os.environ.get("WORLD_SIZE", "1"))  # one global batch of 4 whatever the processes
+    if method == "sft":  # a checkpoint after each step (all but the last)
+        train_sft(SFTConfig(model_name_or_path=str(root / "policy"), output_dir=out, max_steps=3, save_steps=1,
+                            per_device_batch_size=2, grad_accum=accum, lr=1e-2, progress=False, max_length=64,
+                            use_lora=lora), records=DEMOS)
+    else:
+        dpo.train(dpo.DPOConfig(model_name_or_path=str(root / "policy"), preference_file=str(root / "pairs.jsonl"),
+                                per_device_batch_size=2, grad_accum=accum, epochs=1, lr=1e-2, max_length=64,
+                                output_dir=out, use_lora=lora))
+""")
+
+
+@pytest.fixture(scope="module")
+def fsdp_root(tmp_path_factory):
+    from prefgym.io import write_jsonl
+    from prefgym.models.tiny import make_tiny_checkpoint
+    from test_archs import PAIRS
+
+    root = tmp_path_factory.mktemp("fsdp-save")
+    make_tiny_checkpoint(root / "policy", "llama")
+    write_jsonl(root / "pairs.jsonl", PAIRS)
+    (root / "run_method.py").write_text(FSDP_METHOD_SCRIPT.format(config=str(CONFIGS / "fsdp.yaml"),
+                                                                  tests=os.path.dirname(__file__)))
+    return root
+
+
+def _assert_same_folder(got: Path, want: Path, start: Path) -> None:
+    """The same weights (names, dtypes, values within float noise) and config; training moved them."""
+    import json
+
+    from safetensors.torch import load_file
+
+    a, b, s = (load_file(str(p / "model.safetensors")) for p in (got, want, start))
+    assert sorted(a) == sorted(b)
+    assert any(not torch.equal(b[k], s[k]) for k in s if k in b)
+    for k in b:
+        assert a[k].dtype == b[k].dtype, k
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+    assert json.loads((got / "config.json").read_text()) == json.loads((want / "config.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, lora", [("dpo", "full"), ("dpo", "lora"), ("sft", "full")])
+def test_a_training_under_fsdp2_on_two_processes_saves_the_model_one_process_saves(fsdp_root, tmp_path, method, lora):
+    """The final save gathers the sharded weights (LoRA: merged in float32 on the main process); SFT
+    also checkpoints under FSDP after each step, is killed after step 2 and resumes from there."""
+    from helpers import run_process
+
+    script = str(fsdp_root / "run_method.py")
+    run_process([sys.executable, script, method, str(fsdp_root), str(tmp_path / "one"), lora], env=_env(),
+                timeout=300, check=True)
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+           script, method, str(fsdp_root), str(tmp_path / "two"), lora]
+    env = {**_env(), "ACCELERATE_USE_CPU": "1"}
+    if method == "sft":
+        from prefgym.methods.sft import CRASH_AFTER_STEP_ENV
+
+        killed = run_process(two, env={**env, CRASH_AFTER_STEP_ENV: "2"}, timeout=300)
+        assert killed.returncode != 0 and (tmp_path / "two" / "checkpoints" / "step_2" / "progress.json").exists()
+        assert not (tmp_path / "two" / "model.safetensors").exists()
+        before = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+        two[6] = str(_port())
+    run_process(two, env=env, timeout=300, check=True)  # a save that waits on a process that never gathers times out
+    _assert_same_folder(tmp_path / "two", tmp_path / "one", fsdp_root / "policy")
+    if method == "sft":  # resumed: steps 1-2 as the killed run logged them (a restart re-times them), then step 3
+        after = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+        assert len(before) == 2 and after[:2] == before and len(after) == 3
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_save_trained_without_fsdp_writes_the_bytes_save_model_writes(tmp_path, lora):
+    """One process (also DDP, DeepSpeed ZeRO-2): the main process saves the unwrapped part as before."""
+    import copy
+
+    from accelerate import Accelerator
+
+    from prefgym.methods.common import save_model, save_trained
+    from prefgym.methods.dpo import PairLogps
+
+    wrapper = PairLogps(_tiny("llama", lora=lora))
+    expected = save_model(copy.deepcopy(wrapper.model), _tokenizer(), tmp_path / "save_model")
+    accelerator = Accelerator(cpu=True)
+    save_trained(accelerator, accelerator.prepare(wrapper), _tokenizer(), tmp_path / "save_trained", "model")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "save_trained" / name).read_bytes() == (expected / name).read_bytes(), name
+
+
+def test_save_model_merges_given_full_lora_weights_on_a_copy_as_it_merges_a_model_holding_them(tmp_path):
+    """What the main process does with the weights gathered under FSDP: the folder a model holding
+    them would give (adapters merged in float32), the model itself left as it was, unmerged."""
+    import copy
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from prefgym.methods.common import save_model
+
+    model = _tiny("llama", lora=True).to(torch.bfloat16)
+    gathered = {k: torch.randn_like(v) if "lora_B" in k else v.clone() for k, v in model.state_dict().items()}
+    holding = copy.deepcopy(model)
+    holding.load_state_dict(gathered)
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    save_model(model, _tokenizer(), tmp_path / "given", state_dict=gathered)
+    save_model(holding, _tokenizer(), tmp_path / "held")
+    assert (tmp_path / "given" / "model.safetensors").read_bytes() == (tmp_path / "held" / "model.safetensors").read_bytes()
+    assert load_file(str(tmp_path / "given" / "model.safetensors"))["model.embed_tokens.weight"].dtype == torch.float32
+    assert isinstance(model, PeftModel) and all(torch.equal(v, kept[k]) for k, v in model.state_dict().items())

@@ -115,3 +115,27 @@ def test_no_fp32_copy_of_all_logits_is_made(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "float", spy)
     _response_loss_sum(model, batch).backward()
     assert converted and max(converted) <= 4 * V
+
+
+class _IgnoresLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward takes **kwargs but returns every position's logits (as some do)."""
+
+    def __init__(self, model, drop: int = 0):
+        super().__init__()
+        self.model, self.drop = model, drop
+
+    def forward(self, input_ids, attention_mask, **kwargs):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        out.logits = out.logits[:, self.drop:]
+        return out
+
+
+def test_a_model_that_ignores_logits_to_keep_gets_the_same_loss_or_a_clear_error():
+    from prefgym.errors import ConfigError
+
+    model, batch = tiny_llama(torch.float32), sft_batch()
+    want = old_loss_sum(model, batch)
+    torch.testing.assert_close(_response_loss_sum(_IgnoresLogitsToKeep(model), batch), want)
+    start = int((batch["labels"][:, 1:] != IGNORE_INDEX).any(0).nonzero()[0])
+    with pytest.raises(ConfigError, match="returned logits for"):  # neither all positions nor the ones kept
+        _response_loss_sum(_IgnoresLogitsToKeep(model, drop=start + 1), batch)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import yaml
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from prefgym.errors import ConfigError, DataError
+from prefgym.errors import ConfigError, DataError, PrefgymError
 from prefgym.models import generation
 from prefgym.io import write_json
 
@@ -252,18 +252,54 @@ def unwrap_peft(model):
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def save_model(model, tokenizer, out_dir: str | Path) -> Path:
+def save_model(model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """`save_pretrained` (safetensors) of a plain model, merging LoRA adapters first (`_merged_in_fp32`:
     a LoRA model on a bf16 / fp16 base is saved in float32, which keeps its update). A peft model is
-    merged in place, on the CPU: it is not for training after this."""
+    merged in place, on the CPU: it is not for training after this. `state_dict`: the full weights
+    of a model FSDP shards (`save_trained`), written instead of the model's own (a peft model's are
+    merged on a CPU copy, `_unsharded_peft`)."""
     from peft import PeftModel
 
     out_dir = Path(out_dir)
     if isinstance(model, PeftModel):
-        model = _merged_in_fp32(model)
-    model.save_pretrained(out_dir, safe_serialization=True)
+        model = _merged_in_fp32(model if state_dict is None else _unsharded_peft(model, state_dict))
+        state_dict = None
+    model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def save_trained(accelerator, model, tokenizer, out_dir: str | Path, part: str = "") -> None:
+    """`save_model` of the model a loop trained: `part` of its prepared `model` ("model", "policy";
+    "" for `model` itself), written by the main process. Every process must call it: under FSDP
+    each process holds a shard of each weight, so the full weights are gathered first
+    (`accelerator.get_state_dict`, a collective) and the main process writes those."""
+    from accelerate.utils import DistributedType
+
+    inner = accelerator.unwrap_model(model).get_submodule(part)
+    if accelerator.distributed_type != DistributedType.FSDP:
+        if accelerator.is_main_process:
+            save_model(inner, tokenizer, out_dir)
+        return
+    state = accelerator.get_state_dict(model)  # the full weights on the main process, nothing on the others
+    if accelerator.is_main_process:
+        prefix = f"{part}." if part else ""
+        save_model(inner, tokenizer, out_dir, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+def _unsharded_peft(model, state_dict: dict):
+    """A CPU copy of the FSDP-sharded peft `model` holding `state_dict`, its full weights: the same
+    model class (not FSDP's subclass), config and adapter config, built without initialising."""
+    from peft import get_peft_model
+    from torch.distributed.fsdp import FSDPModule
+    from transformers.initialization import no_init_weights
+
+    base = model.get_base_model()
+    cls = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))
+    with no_init_weights():
+        copy = get_peft_model(cls(base.config), model.peft_config[model.active_adapter])
+    copy.load_state_dict(state_dict, assign=True)
+    return copy
 
 
 def _merged_in_fp32(model):
@@ -711,8 +747,23 @@ def load_checkpoint(accelerator, ckpt_dir: Path) -> dict | None:
     """Restore what save_checkpoint wrote; None when there is no checkpoint."""
     if not (ckpt_dir / "state.json").exists():
         return None
-    accelerator.load_state(str(ckpt_dir))
+    load_state(accelerator, ckpt_dir)
     return json.loads((ckpt_dir / "state.json").read_text())
+
+
+def load_state(accelerator, ckpt_dir: Path) -> None:
+    """`accelerator.load_state`, with a PrefgymError naming the folder when the checkpoint's tensors
+    do not fit the model (written by an older prefgym whose model had other parameters, e.g. LoRA
+    without trainable control-token rows, or with other settings) instead of torch's traceback."""
+    try:
+        accelerator.load_state(str(ckpt_dir))
+    except RuntimeError as e:
+        if "state_dict" not in str(e) and "size mismatch" not in str(e):
+            raise
+        first = str(e).strip().splitlines()[0][:200]
+        raise PrefgymError(f"{ckpt_dir}: this checkpoint does not fit the model being trained ({first}); it was "
+                           "written by another prefgym version or other settings: remove it to start over, or "
+                           "rerun with --no-resume") from None
 
 
 def resume_or_start(accelerator, cfg, out: Path, fresh: Sequence[str] = ("metrics.jsonl",)) -> dict | None:

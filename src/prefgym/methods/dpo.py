@@ -363,8 +363,8 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
                 common.save_checkpoint(accelerator, ckpt_dir, {"step": step})
 
     accelerator.wait_for_everyone()
+    common.save_trained(accelerator, model, tokenizer, out, "model")
     if accelerator.is_main_process:
-        common.save_model(accelerator.unwrap_model(model).model, tokenizer, out)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     fields.finish_tracking(accelerator)
     accelerator.wait_for_everyone()

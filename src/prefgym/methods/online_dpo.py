@@ -280,7 +280,7 @@ def train(cfg: OnlineDPOConfig, prompts: list[dict] | None = None) -> Path:
             if r + 1 < cfg.rounds:
                 common.save_checkpoint(accelerator, ckpt_dir, {"round": r + 1, "step": step})
 
-    common.save_model(accelerator.unwrap_model(model).model, tokenizer, out)
+    common.save_trained(accelerator, model, tokenizer, out, "model")
     write_json(out / "labels_used.json", {**label_totals(rounds), "annotators": cfg.annotators})
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     fields.finish_tracking(accelerator)

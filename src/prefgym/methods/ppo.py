@@ -537,14 +537,14 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
             # 11. Checkpoint (policy, value, optimizer, RNG; step and kl_coef).
             if checkpoints.due(step, cfg.steps):
                 common.save_checkpoint(accelerator, ckpt_dir, {"step": step, "kl_coef": kl_coef})
-            if cfg.snapshot_steps and step % cfg.snapshot_steps == 0 and accelerator.is_main_process and not cfg.use_lora:
-                common.save_model(accelerator.unwrap_model(model).policy, tokenizer, out / "snapshots" / f"step-{step}")
+            if cfg.snapshot_steps and step % cfg.snapshot_steps == 0 and not cfg.use_lora:
+                common.save_trained(accelerator, model, tokenizer, out / "snapshots" / f"step-{step}", "policy")
             if step == crash_after:
                 os._exit(137)  # tests: a hard kill after this step, as SIGKILL would leave it
 
     accelerator.wait_for_everyone()
+    common.save_trained(accelerator, model, tokenizer, out, "policy")
     if accelerator.is_main_process:
-        common.save_model(accelerator.unwrap_model(model).policy, tokenizer, out)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     fields.finish_tracking(accelerator)
     accelerator.wait_for_everyone()

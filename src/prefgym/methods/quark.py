@@ -388,8 +388,8 @@ def train(cfg: QuarkConfig) -> Path:
 
     # Save the policy (LoRA merged) and how to condition it.
     accelerator.wait_for_everyone()
+    common.save_trained(accelerator, policy, tokenizer, out)
     if accelerator.is_main_process:
-        common.save_model(accelerator.unwrap_model(policy), tokenizer, out)
         best = "" if cfg.train_on_best_quantile else tokens[0]
         write_json(out / "quantile_tokens.json", {"tokens": tokens, "best": best})
         write_conditioning(out, best, "Quark", {"num_quantiles": cfg.num_quantiles})

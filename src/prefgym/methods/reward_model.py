@@ -248,8 +248,8 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
         normalization = {"mean": float(raw.mean()), "std": float(raw.std()) or 1.0}
 
     accelerator.wait_for_everyone()
+    common.save_trained(accelerator, model, tokenizer, out, "model")
     if accelerator.is_main_process:
-        common.save_model(accelerator.unwrap_model(model).model, tokenizer, out)
         write_json(out / "eval_results.json", eval_metrics)
         write_json(out / NORMALIZATION_FILE, {**normalization, "max_length": cfg.max_length,
                                               "n_samples": len(pairs) * 2, "prompt_format": cfg.prompt_format})

@@ -339,8 +339,8 @@ def train_group_policy(cfg, prompts: list[dict] | None, name: str, score_fn_fact
                 os._exit(137)  # tests: a hard kill after this step, as SIGKILL would leave it
 
     accelerator.wait_for_everyone()
+    common.save_trained(accelerator, model, tokenizer, out)
     if accelerator.is_main_process:
-        common.save_model(accelerator.unwrap_model(model), tokenizer, out)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     fields.finish_tracking(accelerator)
     accelerator.wait_for_everyone()

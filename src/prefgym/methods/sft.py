@@ -216,8 +216,8 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None, trainable_token
                 os._exit(137)
 
     accelerator.wait_for_everyone()
+    _save_final(accelerator, model, tokenizer, out)
     if accelerator.is_main_process:
-        _save_final(accelerator.unwrap_model(model), tokenizer, out)
         write_json(state_file, {"step": total_steps, "done": True})
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     end_training(accelerator)
@@ -266,6 +266,11 @@ def _response_loss_sum(model, batch) -> "torch.Tensor":
     start = _first_true_column(targets)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    logits_to_keep=labels.shape[1] - start).logits  # (B, T - start, V): positions start .. T-1
+    if logits.shape[1] != labels.shape[1] - start:  # a model whose forward ignores logits_to_keep
+        if logits.shape[1] != labels.shape[1]:
+            raise ConfigError(f"{type(model).__name__} returned logits for {logits.shape[1]} of {labels.shape[1]} "
+                              "positions; SFT needs a causal LM that returns all of them or honours logits_to_keep")
+        logits = logits[:, start:]
     logps = token_logprobs(logits, labels[:, start:].clamp(min=0))  # (B, T - start); column k: label start + k
     return -torch.where(targets[:, start:], logps[:, 1:], 0.0).sum()  # where, not *: a -inf off the labels stays out
 
@@ -298,7 +303,9 @@ def _restore(accelerator, out: Path, metrics_file: Path) -> int:
     if not done:
         return 0
     step, ckpt = done[-1]
-    accelerator.load_state(str(ckpt))
+    from prefgym.methods.common import load_state
+
+    load_state(accelerator, ckpt)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and metrics_file.exists():
         from prefgym.io import write_jsonl
@@ -318,13 +325,17 @@ def _token_ids(tokenizer, tokens, model_path) -> list[int]:
     return ids
 
 
-def _save_final(model, tokenizer, out: Path) -> None:
-    """save_pretrained into a temporary folder (LoRA merged), then move the files in (nothing half-written)."""
-    from prefgym.methods.common import save_model
+def _save_final(accelerator, model, tokenizer, out: Path) -> None:
+    """save_pretrained into a temporary folder (LoRA merged), then move the files in (nothing
+    half-written). Every process calls it (`save_trained`); the main process writes."""
+    from prefgym.methods.common import save_trained
 
     tmp = out / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    save_trained(accelerator, model, tokenizer, tmp)
+    if not accelerator.is_main_process:
+        return
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()

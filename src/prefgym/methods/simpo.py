@@ -186,8 +186,9 @@ def train_on_examples(cfg, name: str, accelerator, model: PairLogps, tokenizer, 
                 os._exit(137)  # tests: a hard kill after this step, as SIGKILL would leave it
 
     accelerator.wait_for_everyone()
+    if save:
+        common.save_trained(accelerator, model, tokenizer, out, "model")
     if save and accelerator.is_main_process:
-        common.save_model(accelerator.unwrap_model(model).model, tokenizer, out)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     fields.finish_tracking(accelerator)
     accelerator.wait_for_everyone()
