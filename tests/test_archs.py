@@ -29,13 +29,19 @@ SMALL = dict(max_length=64)
 
 @pytest.fixture(scope="module", params=TINY_ARCHS)
 def arch(request, tmp_path_factory):
-    """(arch, root, policy folder, reward-model folder, prompts file, pairs file) for one architecture."""
+    """(arch, root, policy folder, reward-model folder) for one architecture."""
+    root = tmp_path_factory.mktemp(request.param)
+    return (request.param, root, *make_arch_folder(root, request.param))
+
+
+def make_arch_folder(root: Path, arch: str) -> tuple[Path, Path]:
+    """A tiny random policy of `arch` (root/policy), a reward model of the same shape (root/rm), and
+    root/prompts.jsonl, root/pairs.jsonl; returns the two model folders."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from prefgym.methods.common import load_tokenizer
 
-    root = tmp_path_factory.mktemp(request.param)
-    policy = make_tiny_checkpoint(root / "policy", request.param)
+    policy = make_tiny_checkpoint(root / "policy", arch)
     config = AutoConfig.from_pretrained(policy)
     config.num_labels = 1
     torch.manual_seed(1)
@@ -43,7 +49,7 @@ def arch(request, tmp_path_factory):
     load_tokenizer(policy).save_pretrained(root / "rm")
     write_jsonl(root / "prompts.jsonl", PROMPTS)
     write_jsonl(root / "pairs.jsonl", PAIRS)
-    return request.param, root, policy, root / "rm"
+    return policy, root / "rm"
 
 
 def _weights(folder) -> dict[str, torch.Tensor]:

@@ -360,22 +360,10 @@ DS_METHODS = ["sft", "reward-model", "reward-model-ensemble", "dpo", "simpo", "k
 
 @pytest.fixture(scope="module")
 def ds_root(tmp_path_factory, tiny_world):
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from prefgym.io import write_jsonl
-    from prefgym.methods.common import load_tokenizer
-    from prefgym.models.tiny import make_tiny_checkpoint
-    from test_archs import PAIRS, PROMPTS
+    from test_archs import make_arch_folder
 
     root = tmp_path_factory.mktemp("deepspeed")
-    policy = make_tiny_checkpoint(root / "policy", "llama")
-    config = AutoConfig.from_pretrained(policy)
-    config.num_labels = 1
-    torch.manual_seed(1)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(root / "rm")
-    load_tokenizer(policy).save_pretrained(root / "rm")
-    write_jsonl(root / "prompts.jsonl", PROMPTS)
-    write_jsonl(root / "pairs.jsonl", PAIRS)
+    make_arch_folder(root, "llama")
     (root / "world").symlink_to(tiny_world)
     (root / "run_method.py").write_text(METHOD_SCRIPT.format(tests=os.path.dirname(__file__)))
     return root
