@@ -358,11 +358,17 @@ LOGSOFTMAX_CHUNK_ELEMENTS = 2**22
 converted to fp32 at once, so a 128k vocabulary never holds an fp32 (B, T, V) copy of the logits."""
 
 
+def chunk_slices(n: int, logits_per_item: int) -> list[slice]:
+    """Slices of items 0 .. n-1 (time steps, rows) holding about LOGSOFTMAX_CHUNK_ELEMENTS logits
+    each, at least one item."""
+    step = max(1, LOGSOFTMAX_CHUNK_ELEMENTS // max(1, logits_per_item))
+    return [slice(t, min(t + step, n)) for t in range(0, n, step)]
+
+
 def _time_slices(logits: torch.Tensor, end: int) -> list[slice]:
-    """Slices of positions 0 .. end-1 holding about LOGSOFTMAX_CHUNK_ELEMENTS logits each (at least one step)."""
+    """Slices of positions 0 .. end-1 of (B, T, V) logits (`chunk_slices` of B·V logits a step)."""
     B, _, V = logits.shape
-    step = max(1, LOGSOFTMAX_CHUNK_ELEMENTS // max(1, B * V))
-    return [slice(t, min(t + step, end)) for t in range(0, end, step)]
+    return chunk_slices(end, B * V)
 
 
 def _next(s: slice) -> slice:

@@ -174,8 +174,7 @@ def _row_chunks(rows: torch.Tensor) -> list[slice]:
     """Slices of rows holding about `common.LOGSOFTMAX_CHUNK_ELEMENTS` logits each (at least one row)."""
     from prefgym.methods import common
 
-    step = max(1, common.LOGSOFTMAX_CHUNK_ELEMENTS // max(1, rows.shape[-1]))
-    return [slice(i, min(i + step, len(rows))) for i in range(0, len(rows), step)]
+    return common.chunk_slices(len(rows), rows.shape[-1])
 
 
 def _log_softmaxes(pol: torch.Tensor, ref: torch.Tensor, control_ids: torch.Tensor):
