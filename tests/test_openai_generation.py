@@ -246,3 +246,14 @@ def test_a_command_ends_the_process_group_it_ran_in(fake, tmp_path):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_a_partial_file_resumes_whatever_the_local_loading_fields_say(fake, tmp_path):
+    """dtype / attn_implementation / prompt_format of the SamplingConfig say how a local model would
+    load; the server's outputs do not depend on them, so a rerun that changes them resumes."""
+    partial = tmp_path / "out.partial.jsonl"
+    first = generate_outputs_openai(server_cfg(fake), RECORDS[:3], SamplingConfig(), partial_file=partial)
+    fake.requests.clear()
+    again = generate_outputs_openai(server_cfg(fake), RECORDS[:3],
+                                    SamplingConfig(dtype="bfloat16", attn_implementation="eager"), partial_file=partial)
+    assert again == first and fake.requests == []

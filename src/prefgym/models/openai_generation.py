@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from prefgym.data.prompts import format_record, resolve_prompt_format, user_turn
+from prefgym.methods.fields import ModelFields
 from prefgym.errors import ConfigError, PrefgymError
 from prefgym.models.generation import SamplingConfig, output_records, read_partial, track_progress
 
@@ -127,7 +128,8 @@ def generate_outputs_openai(server: ServerConfig, records: list[dict], cfg: Samp
     check_config(server, cfg)
     server = dataclasses.replace(server, prompt_format=server_prompt_format(server))
     # Keyed by the decoding and engine settings (how a local model would load is not the server's).
-    decoding = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("dtype", "attn_implementation", "prompt_format")}
+    model_fields = {f.name for f in dataclasses.fields(ModelFields)}
+    decoding = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in model_fields}
     run_key = stable_hash(server.served_model, server.prompt_format, json.dumps(decoding, sort_keys=True))
     keys = [str(stable_hash(run_key, i, r["instruction"], r.get("input") or "")) for i, r in enumerate(records)]
     done = read_partial(partial_file)
