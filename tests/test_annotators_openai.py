@@ -234,3 +234,15 @@ def test_huggingface_judge_refuses_a_prompt_longer_than_max_length_instead_of_cu
                           progress=False)
     assert 1 <= rows[0]["preference"] <= 2 and rows[0].get("error") is None
     assert rows[1]["preference"] is None and "max_length (60)" in rows[1]["error"], rows[1]
+
+
+@pytest.mark.parametrize("dtype", ["bf17", "int8"])
+def test_huggingface_judge_names_an_unknown_dtype(dtype):
+    from prefgym.annotators.config import JudgeConfig
+    from prefgym.annotators.hf_backend import HFLogprobBackend
+    from prefgym.errors import ConfigError
+
+    cfg = JudgeConfig(name="j", fn_completions="huggingface_logprobs", fn_completion_parser="logprob_parser",
+                      completions_kwargs={"model_name": "unused", "dtype": dtype})
+    with pytest.raises(ConfigError, match=rf"judge 'j': key 'completions_kwargs.dtype' is '{dtype}'; use float32"):
+        HFLogprobBackend(cfg)

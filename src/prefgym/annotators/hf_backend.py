@@ -36,13 +36,11 @@ class HFLogprobBackend:
             raise ConfigError(f"{judge.source}: judge '{judge.name}': missing key 'completions_kwargs.model_name'")
         self.judge = judge
         device = resolve_device(kw.get("device", "auto"))
-        try:
-            dtype = resolve_dtype(str(kw.get("dtype", "float32")))
+        try:  # auto: what the judge's own device computes in natively
+            dtype = auto_dtype(device) if kw.get("dtype") == "auto" else resolve_dtype(str(kw.get("dtype", "float32")))
         except ConfigError:
             raise ConfigError(f"{judge.source}: judge '{judge.name}': key 'completions_kwargs.dtype' is "
                               f"{kw['dtype']!r}; use float32, bfloat16, float16 or auto") from None
-        if kw.get("dtype") == "auto":
-            dtype = auto_dtype(device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(kw["model_name"])
             self.model = AutoModelForCausalLM.from_pretrained(kw["model_name"], dtype=dtype)
