@@ -271,8 +271,11 @@ def test_an_explicit_prompt_format_wins_over_the_folder(fake, folders, caplog): 
         assert _ask(fake, model_folder=str(folders["chat"]), prompt_format="alpaca") == ALPACA
     assert "trained on chat prompts" in caplog.text  # used as asked, with a warning naming both
     assert _ask(fake, model_folder=str(folders["alpaca"]), prompt_format="chat") == CHAT
-    with pytest.raises(ConfigError, match="has no chat template"):
-        _ask(fake, model_folder=str(folders["plain"]), prompt_format="chat")
+    # the server applies its own chat template (`vllm serve --chat-template`): asked for, chat is sent
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="prefgym"):
+        assert _ask(fake, model_folder=str(folders["plain"]), prompt_format="chat") == CHAT
+    assert "has no chat template; sending chat requests as asked" in caplog.text
 
 
 def test_openai_backend_without_a_folder_sends_alpaca_and_says_so(fake, caplog):  # noqa: F811

@@ -300,6 +300,38 @@ def test_full_weights_merge_lora_without_touching_the_model(tiny, trainable_toke
     assert all(torch.equal(v, peft_model.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft on transformers 5
+def test_weight_sync_streams_one_merged_tensor_at_a_time(tiny):
+    """A sync holds one fp32 merge beside the model, not all of them (a 7B model's would be ~26 GB):
+    `full_weights` makes each when asked and keeps none, leaves grad mode as the caller has it,
+    and `update_weights` hands the stream to vLLM's `load_weights` without listing it first."""
+    import copy
+    import types
+    import weakref
+
+    from peft import LoraConfig, get_peft_model
+
+    path, model, tokenizer = tiny
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    refs, merged = [], 0
+    for name, tensor in vllm_engine.full_weights(peft_model):
+        assert torch.is_grad_enabled(), name  # the stream does not switch gradients off around its caller
+        merged += tensor.dtype == torch.float32 and name.endswith("proj.weight")
+        refs.append(weakref.ref(tensor))
+        del tensor
+        assert sum(r() is not None for r in refs) <= 1, name
+    assert merged >= 4 and len(refs) == len(dict(copy.deepcopy(peft_model).merge_and_unload().named_parameters()))
+
+    received = []
+    engine = types.SimpleNamespace(reset_prefix_cache=lambda: None)
+    engine.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(driver_worker=types.SimpleNamespace(
+        model_runner=types.SimpleNamespace(model=types.SimpleNamespace(load_weights=received.append)))))
+    vllm_engine.VLLMEngine.update_weights(types.SimpleNamespace(llm=engine), vllm_engine.full_weights(peft_model))
+    (stream,) = received
+    assert not isinstance(stream, (list, tuple))
+    assert [name for name, _ in stream] == [name for name, _ in vllm_engine.full_weights(peft_model)]
+
+
 def test_ppo_lora_on_the_engine_sends_merged_weights(toy_rm, fake_vllm):
     root, sft, rm = toy_rm
     cfg = small_cfg(root, sft, rm, "vllm_lora", steps=2, use_lora=True, lora_r=4, lr=5e-2, engine="vllm")

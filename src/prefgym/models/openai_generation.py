@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Optional
 
-from prefgym.data.prompts import format_record, resolve_prompt_format, user_turn
+from prefgym.data.prompts import format_record, has_chat_template, resolve_prompt_format, user_turn
 from prefgym.methods.fields import ModelFields
 from prefgym.errors import ConfigError, PrefgymError
 from prefgym.models.generation import SamplingConfig, output_records, read_partial, track_progress
@@ -83,7 +83,8 @@ def server_prompt_format(server: ServerConfig) -> str:
     """"alpaca" or "chat": `server.prompt_format` resolved for the served model's folder as the
     local path resolves it (`resolve_prompt_format`: auto is the format the folder records, else
     chat when its tokenizer has a template, else alpaca; another format than the recorded one is
-    used as asked, with a warning). Without a local folder: the format asked for, auto being alpaca."""
+    used as asked, with a warning; chat without a template in the folder too, since the server
+    applies its own). Without a local folder: the format asked for, auto being alpaca."""
     from pathlib import Path
 
     from prefgym.models.loading import check_model_folder, load_tokenizer
@@ -100,6 +101,12 @@ def server_prompt_format(server: ServerConfig) -> str:
     except OSError as e:
         raise ConfigError(f"openai generation: cannot read the tokenizer of {folder} for its prompt format "
                           f"({str(e)[:200]}); give --prompt-format alpaca or chat") from None
+    if server.prompt_format == "chat" and not has_chat_template(tokenizer):
+        # The server formats chat requests with its own template (`vllm serve --chat-template`, ...),
+        # not the folder's: asked for explicitly, chat is the user's call.
+        log.warning("openai generation: %s has no chat template; sending chat requests as asked (the server "
+                    "must have a template of its own)", folder)
+        return "chat"
     return resolve_prompt_format(tokenizer, server.prompt_format)
 
 

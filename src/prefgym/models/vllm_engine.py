@@ -33,7 +33,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Sequence
 
 from prefgym.errors import ConfigError
 
@@ -209,7 +209,7 @@ class VLLMEngine:
         """Load `(checkpoint name, tensor)` pairs into the engine's model (`full_weights(policy)`), then
         drop the prefix cache, whose KV entries the old weights computed."""
         model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        model.load_weights(list(named_weights))
+        model.load_weights(iter(named_weights))  # streamed: one merged tensor alive at a time
         self.llm.reset_prefix_cache()
 
     def _params(self, cfg, n: int, seed: int):
@@ -317,8 +317,10 @@ def dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def full_weights(model) -> list[tuple[str, torch.Tensor]]:
-    """The model's weights under its checkpoint's names, as vLLM's `load_weights` takes them.
+def full_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's weights under its checkpoint's names, as vLLM's `load_weights` takes them, one
+    at a time: each merged tensor is made when the engine asks for it and dropped once loaded, so
+    a sync holds one layer's fp32 merge beside the model, not all of them (~4 bytes a parameter).
 
     A peft model's LoRA adapters are merged in: each adapted layer's weight is base + its active
     adapters' deltas (`get_delta_weight`: scale · B A), computed beside the model, which is left as
@@ -334,23 +336,30 @@ def full_weights(model) -> list[tuple[str, torch.Tensor]]:
     from peft.tuners.trainable_tokens import TrainableTokensLayer
 
     if not isinstance(model, PeftModel):
-        return [(name, p.detach()) for name, p in model.named_parameters()]
+        for name, p in model.named_parameters():
+            yield name, p.detach()
+        return
     base = model.get_base_model()
-    weights = []
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer):
-            with torch.no_grad():
-                delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
             for key, p in module.get_base_layer().named_parameters():
-                weights.append((f"{name}.{key}", p.detach().float() + delta if key == "weight" else p.detach()))
+                if key != "weight":
+                    yield f"{name}.{key}", p.detach()
+                    continue
+                with torch.no_grad():  # not around the yield: grad mode is the caller's while suspended
+                    merged = p.detach().float() + sum(module.get_delta_weight(a) for a in module.active_adapters
+                                                      if a in module.lora_A)
+                yield f"{name}.{key}", merged
+                del merged
         elif isinstance(module, TrainableTokensLayer):  # trained rows of an embedding (Quark's reward tokens)
-            weights.append((f"{name.removesuffix('.token_adapter')}.weight",
-                            module.get_merged_weights(module.active_adapters).detach()))
+            with torch.no_grad():
+                merged = module.get_merged_weights(module.active_adapters).detach()
+            yield f"{name.removesuffix('.token_adapter')}.weight", merged
+            del merged
     for name, p in base.named_parameters():
         if any(part in name for part in (".base_layer.", ".lora_", ".original_module.", ".token_adapter.")):
             continue  # adapted layers are above; a modules_to_save copy replaces its original
-        weights.append((name.replace(".modules_to_save.default.", "."), p.detach()))
-    return weights
+        yield name.replace(".modules_to_save.default.", "."), p.detach()
 
 
 @contextmanager
