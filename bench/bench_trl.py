@@ -283,12 +283,13 @@ def trl_python(venv: Path) -> Path:
     # TRL 1.9.0 importable, and nothing of prefgym's environment visible from it.
     check = [str(python), "-c", "import importlib.util, trl; assert trl.__version__ == '1.9.0', trl.__version__; "
              "assert importlib.util.find_spec('prefgym') is None, 'prefgym is importable'"]
-    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if python.exists() and subprocess.run(check, capture_output=True, env=env).returncode == 0:
         return python
     print(f"creating the TRL environment in {venv} ({' '.join(TRL_REQUIREMENTS)}) ...", flush=True)
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     subprocess.run([str(python), "-m", "pip", "install", "-q", *TRL_REQUIREMENTS], check=True)
-    subprocess.run(check, check=True)
+    subprocess.run(check, check=True, env=env)
     return python
 
 
@@ -328,7 +329,8 @@ def make_models(work: Path, hidden: int, layers: int) -> tuple[Path, Path]:
 def run_side(python: Path, name: str, spec_file: Path, work: Path) -> dict:
     out = work / f"{name}.json"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)
+    if python != Path(sys.executable):
+        env.pop("PYTHONPATH", None)  # TRL's side sees nothing of prefgym's; prefgym's side the parent's prefgym
     proc = subprocess.run([str(python), str(Path(__file__).resolve()), "--child", name, "--spec", str(spec_file),
                            "--child-out", str(out)], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
