@@ -12,8 +12,10 @@ the weights one process saves.
 DeepSpeed: no loop passes a DataLoader to `prepare`, so prefgym fills the batch fields Accelerate
 would otherwise refuse to guess (`fields.fit_deepspeed_config`), and marks where an accumulation of
 micro-batches ends (`common.no_sync_unless`). The launch environment comes from Accelerate's own
-launcher code. The slow tests at the end run real DeepSpeed ZeRO-2 (one CPU process) when the
-`deepspeed` package is importable, and are skipped otherwise.
+launcher code. The slow tests at the end run real DeepSpeed ZeRO-2 and ZeRO-3 (one CPU process)
+when the `deepspeed` package is importable, and are skipped otherwise. ZeRO-3 (`prefgym.methods.zero3`):
+the trained model loads partitioned, the frozen ones whole, rollouts sample on gathered weights,
+saves gather them, checkpoints resume.
 """
 
 from __future__ import annotations
@@ -272,14 +274,74 @@ def test_a_later_training_of_the_launch_refits_the_plugin_and_keeps_what_the_use
     assert mine.deepspeed_config["train_micro_batch_size_per_gpu"] == 7 and mine.deepspeed_config["gradient_clipping"] == 2.0
 
 
-def test_deepspeed_gradient_accumulation_and_zero3_are_refused_with_a_message(zero2_env):
+def test_deepspeed_gradient_accumulation_is_refused_with_a_message(zero2_env):
     zero2_env.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
     with pytest.raises(ConfigError, match="gradient_accumulation_steps is 4; set it to 1"):
         _start_tracking(_configs()["dpo"])
-    zero2_env.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
-    zero2_env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    with pytest.raises(ConfigError, match="ZeRO stage 3 is not supported"):
-        _start_tracking(_configs()["dpo"])
+
+
+def test_shipped_zero3_config_gathers_the_weights_to_save_and_one_that_does_not_is_refused(monkeypatch):
+    for key, value in _launch_env(CONFIGS / "deepspeed_zero3.yaml").items():
+        monkeypatch.setenv(key, value)
+    plugin = _start_tracking(_configs()["ppo"])
+    assert plugin.zero_stage == 3 and plugin.zero3_init_flag
+    assert plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 4
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false")
+    with pytest.raises(ConfigError, match="ZeRO stage 3: zero_optimization.stage3_gather_16bit_weights_on_model_save "
+                                          "is False; set it to true"):
+        _start_tracking(_configs()["ppo"])
+
+
+def _user_zero3_plugin():
+    """A plugin from a user's DeepSpeed config that leaves the bucket sizes to Accelerate ("auto")."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    return DeepSpeedPlugin(hf_ds_config={
+        "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": 1000,
+                              "stage3_param_persistence_threshold": "auto",
+                              "stage3_gather_16bit_weights_on_model_save": True}})
+
+
+def test_each_training_of_a_launch_gets_the_bucket_sizes_of_its_own_model(monkeypatch, tmp_path):
+    """A DeepSpeed config file may leave the bucket sizes to "auto" (HF's ZeRO-3 template does);
+    Accelerate sizes them from the prepared module's `config`, which prefgym's wrappers lack, so
+    prefgym sizes them from the model folder's hidden size h, as Accelerate would (h², 0.9·h², 10·h).
+    The plugin is shared by the trainings of a launch (an ensemble's members, a pipeline's stages):
+    each gets its own model's sizes, not the first one's; a value the user set is kept."""
+    from transformers import LlamaConfig
+
+    from prefgym.methods import reward_model, sft
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    plugin = _user_zero3_plugin()
+    zero = plugin.deepspeed_config["zero_optimization"]
+    for h in (4, 8):
+        LlamaConfig(hidden_size=h, intermediate_size=2 * h, num_attention_heads=2).save_pretrained(tmp_path / f"h{h}")
+    for cfg, h in ((sft.SFTConfig(model_name_or_path=str(tmp_path / "h4")), 4),
+                   (reward_model.RewardModelConfig(model_name_or_path=str(tmp_path / "h8")), 8)):
+        fields.fit_deepspeed_config(plugin, cfg)
+        assert zero["reduce_bucket_size"] == h * h and zero["stage3_param_persistence_threshold"] == 10 * h
+        assert zero["stage3_prefetch_bucket_size"] == 1000
+        plugin.deepspeed_config_process(must_match=False, train_batch_size=6)  # what `prepare` fills: nothing left
+    with pytest.raises(ConfigError, match="left to auto are sized from the model's hidden size, but '.*missing'"):
+        fields.fit_deepspeed_config(_user_zero3_plugin(), sft.SFTConfig(model_name_or_path=str(tmp_path / "missing")))
+
+
+def test_zero3_helpers_leave_unpartitioned_models_as_they_are_and_read_a_partitions_full_shape():
+    """Without ZeRO-3 (no `ds_id` on the parameters) `gathered` changes nothing; with it, a
+    parameter's dimensions (SFT's weight-decay split) come from its full shape, `ds_shape`."""
+    from prefgym.methods import zero3
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2))
+    assert not zero3.is_partitioned(model)
+    with zero3.gathered(model):
+        assert model[0].weight.shape == (2, 3)
+    assert [zero3.full_ndim(p) for p in model.parameters()] == [2, 1, 1, 1]
+    for p in model.parameters():  # what zero.Init leaves: a 1-d shard, the full shape in ds_shape
+        p.ds_id, p.ds_shape, p.data = id(p), p.shape, torch.empty(0)
+    assert zero3.is_partitioned(model) and [zero3.full_ndim(p) for p in model.parameters()] == [2, 1, 1, 1]
 
 
 def test_no_sync_unless_ends_an_accumulation_only_on_the_last_micro_batch_under_deepspeed():
@@ -311,22 +373,39 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
                                      reason="deepspeed is not installed")
 
 METHOD_SCRIPT = textwrap.dedent("""
-    import sys
+    import os, sys
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     from prefgym.io import write_jsonl
     from prefgym.methods import dpo, kto, ppo, quark, reward_model, rloo, grpo, simpo
     from prefgym.methods.sft import SFTConfig, train_sft
     from test_archs import DEMOS, PAIRS, PROMPTS
+    from prefgym.methods import common
+    from prefgym.models import generation
+    whole = []  # per rollout: were the sampling model's weights all there (not ZeRO-3 partitions)?
+    def spied(sample):
+        def sample_and_note(model, *args, **kwargs):
+            whole.append(all(p.numel() > 0 for p in model.parameters()))
+            return sample(model, *args, **kwargs)
+        return sample_and_note
+    common.sample_responses = spied(common.sample_responses)
+    generation.generate_with_eos = spied(generation.generate_with_eos)  # Quark's sampler
     method, root, out = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    method, lora = method.removesuffix("-lora"), dict(use_lora=method.endswith("-lora"))  # "ppo-lora": LoRA
+    ckpt = dict(save_steps=int(os.environ["SAVE_STEPS"])) if "SAVE_STEPS" in os.environ else dict()
     policy, rm, pairs, prompts = str(root / "policy"), str(root / "rm"), str(root / "pairs.jsonl"), str(root / "prompts.jsonl")
     pref = dict(model_name_or_path=policy, preference_file=pairs, per_device_batch_size=2, grad_accum=2, epochs=1,
-                lr=1e-2, max_length=64, output_dir=out)
+                lr=1e-2, max_length=64, output_dir=out, **lora)
     rl = dict(policy_model=policy, reward_model=rm, prompt_file=prompts, steps=2, lr=1e-2, max_new_tokens=4,
-              max_prompt_length=48, missing_eos_penalty=None, output_dir=out)
+              max_prompt_length=48, missing_eos_penalty=None, output_dir=out, **lora, **ckpt)
     if method == "sft":
         train_sft(SFTConfig(model_name_or_path=policy, output_dir=out, max_steps=2, per_device_batch_size=2,
-                            grad_accum=2, lr=1e-2, progress=False, max_length=64), records=DEMOS)
+                            grad_accum=2, lr=1e-2, weight_decay=0.1, progress=False, max_length=64, **lora, **ckpt),
+                  records=DEMOS)
+    elif method == "reward-conditioning":  # SFT on control-token pairs, the embeddings grown first
+        from prefgym.methods import reward_conditioning as rc
+        rc.train(rc.RewardConditioningConfig(model_name_or_path=policy, preference_file=pairs, output_dir=out,
+                 max_steps=2, per_device_batch_size=2, lr=1e-2, progress=False, max_length=64))
     elif method == "reward-model":
         reward_model.train(reward_model.RewardModelConfig(eval_fraction=0.0, **pref))
     elif method == "reward-model-ensemble":  # two trainings in one launch: the second refits the plugin
@@ -352,6 +431,8 @@ METHOD_SCRIPT = textwrap.dedent("""
                     num_quantiles=2, iterations=1, rollout_batch_size=4, steps_per_iteration=2,
                     per_device_batch_size=2, grad_accum=2, lr=1e-2, warmup_steps=1, max_new_tokens=4,
                     progress=False, max_length=64))
+    import json
+    json.dump(whole, open(out + "/sampled_on_whole_weights.json", "w"))
 """)
 
 DS_METHODS = ["sft", "reward-model", "reward-model-ensemble", "dpo", "simpo", "kto", "ppo", "rloo", "grpo", "quark",
@@ -369,6 +450,32 @@ def ds_root(tmp_path_factory, tiny_world):
     return root
 
 
+# The shipped deepspeed_zero3.yaml as a DeepSpeed config file, but for two values: with the tiny test
+# models DeepSpeed would keep every weight gathered (each is under stage3_param_persistence_threshold),
+# so it is 0 here: every layer gathered for its forward and freed after, as a real model's large
+# ones are; and the bucket sizes left to "auto", which prefgym sizes (fields.fit_deepspeed_config).
+ZERO3_STRICT = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": 1,
+                "gradient_clipping": "auto",
+                "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
+                                      "stage3_param_persistence_threshold": 0, "reduce_bucket_size": "auto",
+                                      "stage3_prefetch_bucket_size": "auto"}}
+
+
+@pytest.fixture(scope="module")
+def zero3_strict(tmp_path_factory) -> Path:
+    """An Accelerate config: the shipped deepspeed_zero3.yaml pointing at ZERO3_STRICT."""
+    import json
+
+    folder = tmp_path_factory.mktemp("zero3-strict")
+    (folder / "ds.json").write_text(json.dumps(ZERO3_STRICT))
+    config = yaml.safe_load((CONFIGS / "deepspeed_zero3.yaml").read_text())
+    assert config["deepspeed_config"]["zero3_init_flag"] and config["deepspeed_config"]["zero3_save_16bit_model"]
+    config["deepspeed_config"] = {"deepspeed_config_file": str(folder / "ds.json"), "zero3_init_flag": True}
+    del config["mixed_precision"]  # a config file's own (the command line's "no" here)
+    (folder / "accelerate.yaml").write_text(yaml.safe_dump(config))
+    return folder / "accelerate.yaml"
+
+
 def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
@@ -381,26 +488,138 @@ def _port() -> int:
 
 @needs_deepspeed
 @pytest.mark.slow
-@pytest.mark.parametrize("method", DS_METHODS)
-def test_every_training_command_under_deepspeed_zero2_trains_the_model_it_trains_without(ds_root, tmp_path, method):
-    """One process under the shipped ZeRO-2 config against plain Python: the same weights (grad_accum 2
-    where the method has it, so a step per micro-batch, or a clipping the loop does not do, shows)."""
+@pytest.mark.parametrize("method, stage", [(m, 2) for m in DS_METHODS] +
+                         [(m, 3) for m in DS_METHODS + ["sft-lora", "dpo-lora", "ppo-lora", "reward-conditioning"]])
+def test_every_training_command_under_deepspeed_zero_trains_the_model_it_trains_without(ds_root, zero3_strict,
+                                                                                        tmp_path, method, stage):
+    """One process under the shipped ZeRO-2 config (ZeRO-3: `zero3_strict`) against plain Python: the
+    same weights (grad_accum 2 where the method has it, so a step per micro-batch, or a clipping the
+    loop does not do, shows). ZeRO-3: the trained model loads partitioned, the frozen ones whole,
+    rollouts sample on gathered weights and the save gathers them (full-shaped, the plain run's values)."""
     from safetensors.torch import load_file
 
     from helpers import run_process
 
     script = str(ds_root / "run_method.py")
     run_process([sys.executable, script, method, str(ds_root), str(tmp_path / "plain")], env=_env(), check=True)
+    config = zero3_strict if stage == 3 else CONFIGS / "deepspeed_zero2.yaml"
     run_process([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                 str(CONFIGS / "deepspeed_zero2.yaml"), "--num_processes", "1", "--mixed_precision", "no",
+                 str(config), "--num_processes", "1", "--mixed_precision", "no",
                  "--main_process_port", str(_port()), script, method, str(ds_root), str(tmp_path / "ds")],
                 env=_env(), timeout=600, check=True)
+    if method.removesuffix("-lora") in ("ppo", "rloo", "grpo", "quark", "online-dpo"):
+        import json
+
+        whole = json.loads((tmp_path / "ds" / "sampled_on_whole_weights.json").read_text())
+        assert whole and all(whole), whole  # ZeRO-3: every rollout sampled on the gathered policy
     weights = "member-1/model.safetensors" if method == "reward-model-ensemble" else "model.safetensors"
     plain, ds = load_file(str(tmp_path / "plain" / weights)), load_file(str(tmp_path / "ds" / weights))
     start = load_file(str(ds_root / ("world/base_model" if method == "online-dpo" else "policy") / "model.safetensors"))
     assert any(not torch.equal(plain[k], start[k]) for k in start if k in plain)  # training moved the weights
+    assert sorted(ds) == sorted(plain)
+    # ZeRO-3 computes on gathered copies of the weights, so the last bits of a gradient may differ,
+    # and where a gradient is near Adam's eps such a difference moves an update by a few per cent of
+    # lr (1e-2): a fresh reward model's trunk (small score head), measured 5e-4; a dozen of the
+    # reward-conditioned model's 3e4 weights, measured 1.8e-3 (its losses agree to 1e-6).
+    atol = {"reward-model": 1e-3, "reward-model-ensemble": 1e-3, "reward-conditioning": 5e-3}.get(method, 1e-5)
+    atol = atol if stage == 3 else 1e-5
+    for k in plain:
+        torch.testing.assert_close(ds[k], plain[k], atol=atol, rtol=1e-4, msg=lambda m, k=k: f"{method} {k}: {m}")
+
+
+def _ds_launch(config: Path, script: str, *args: str) -> list[str]:
+    """`accelerate launch` of `script` on one process (float32) under the Accelerate `config`."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "1",
+            "--mixed_precision", "no", "--main_process_port", str(_port()), script, *args]
+
+
+@needs_deepspeed
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sft", "ppo"])
+def test_a_zero3_training_killed_after_a_checkpoint_resumes_to_the_model_it_trains_uninterrupted(ds_root, tmp_path,
+                                                                                                 method):
+    """DeepSpeed's own checkpoint of the partitioned model and optimizer (Accelerate's save_state),
+    SFT's hand-stepped scheduler and PPO's KL coefficient with it: killed after step 1, resumed, step
+    1's logged row kept (its timing too: not trained again) and the plain run's weights."""
+    from safetensors.torch import load_file
+
+    from helpers import run_process
+    from prefgym.methods.sft import CRASH_AFTER_STEP_ENV
+
+    script, out = str(ds_root / "run_method.py"), tmp_path / "ds"
+    run_process([sys.executable, script, method, str(ds_root), str(tmp_path / "plain")], env=_env(), check=True)
+    env = {**_env(), "SAVE_STEPS": "1"}
+    zero3 = CONFIGS / "deepspeed_zero3.yaml"
+    killed = run_process(_ds_launch(zero3, script, method, str(ds_root), str(out)),
+                         env={**env, CRASH_AFTER_STEP_ENV: "1"}, timeout=600)
+    assert killed.returncode != 0 and list(out.glob("checkpoint*")) and not (out / "model.safetensors").exists()
+    before = (out / "metrics.jsonl").read_text().splitlines()
+    run_process(_ds_launch(zero3, script, method, str(ds_root), str(out)), env=env, timeout=600, check=True)
+    after = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(before) == 1 and after[:1] == before and len(after) == 2
+    plain, ds = load_file(str(tmp_path / "plain" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert sorted(ds) == sorted(plain)
     for k in plain:
         torch.testing.assert_close(ds[k], plain[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{method} {k}: {m}")
+
+
+ZERO3_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from accelerate import Accelerator
+    from prefgym.methods import common, fields, zero3
+    from prefgym.methods.sft import SFTConfig
+    from prefgym.models.loading import load_policy
+    folder, out = sys.argv[1], sys.argv[2]
+    accelerator = Accelerator()
+    cfg = SFTConfig(model_name_or_path=folder, per_device_batch_size=2)
+    fields.start_tracking(accelerator, cfg, "zero3")
+    tokenizer = common.load_tokenizer(folder)
+    policy, frozen = load_policy(folder, cfg), load_policy(folder, cfg, trainable=False)
+    numel = lambda m: sum(p.numel() for p in m.parameters())
+    r = {"full": sum(p.ds_numel for p in policy.parameters()), "policy": numel(policy), "frozen": numel(frozen)}
+    model, optimizer = accelerator.prepare(policy, torch.optim.AdamW(policy.parameters(), lr=1e-2))
+    rank = accelerator.process_index  # each process its own prompts: responses of different lengths
+    prompts = [["Say hi", "Tell me a long story about a dog"], ["Name a colour", "Why?"]][rank]
+    kw = dict(seeds=[rank, 7], temperature=1.0, max_new_tokens=8, max_prompt_length=32)
+    with zero3.gathered(model):
+        r["inside"] = numel(model)
+        got = common.sample_responses(accelerator.unwrap_model(model), tokenizer, prompts, **kw)
+        r["after_generate"] = numel(model)  # the hooks lifted: nothing freed after each layer
+    r["outside"] = numel(model)
+    want = common.sample_responses(frozen, tokenizer, prompts, **kw)  # the whole model's samples
+    r["same_samples"] = all(torch.equal(a, b) for a, b in zip(got, want))
+    ids = torch.cat(got[:2], 0)[:, :4]
+    loss = model(input_ids=ids, labels=ids).loss  # a training step after: the hooks are back
+    accelerator.backward(loss)
+    optimizer.step()
+    with zero3.gathered(model):
+        r["trained"] = any(not torch.equal(p, q) for p, q in zip(model.parameters(), frozen.parameters()))
+    json.dump(r, open(f"{out}/rank{rank}.json", "w"))
+""")
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_under_zero3_the_trained_model_loads_partitioned_the_frozen_whole_and_rollouts_sample_on_gathered_weights(
+        ds_root, zero3_strict, tmp_path):
+    """The pieces the loops use: `load_policy` partitions the trained model (zero.Init) and loads a
+    frozen one whole; inside `zero3.gathered(engine)` the weights are whole and stay whole through
+    generation (DeepSpeed's per-layer hooks lifted), the samples are the whole model's; after it the
+    weights are partitioned again and a training step runs (`zero3_strict`: DeepSpeed frees each
+    layer's weights after its forward unless its hooks are lifted)."""
+    import json
+
+    from helpers import run_process
+
+    script = tmp_path / "zero3.py"
+    script.write_text(ZERO3_SCRIPT)
+    run_process(_ds_launch(zero3_strict, str(script), str(ds_root / "policy"), str(tmp_path)), env=_env(), timeout=300,
+                check=True)
+    r = json.loads((tmp_path / "rank0.json").read_text())
+    assert r["full"] > 0 and r["policy"] == 0 and r["frozen"] == r["full"]
+    assert r["inside"] == r["after_generate"] == r["full"] and r["outside"] == 0
+    assert r["same_samples"] and r["trained"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,7 +122,8 @@ def test_example_run_config_is_valid_for_every_stage():
 
 def test_smollm2_run_config_is_valid_for_every_stage():
     """configs/run_smollm2.yaml (the whole loop on SmolLM2-135M): every stage's section fits its
-    config, and every training stage trains LoRA adapters in bf16."""
+    config; every training stage trains LoRA adapters with float32 weights in bf16 mixed precision,
+    and the sampling-only stages load bf16 weights."""
     from pathlib import Path
 
     from prefgym.pipeline import Pipeline
@@ -133,10 +134,13 @@ def test_smollm2_run_config_is_valid_for_every_stage():
     assert cfg.base_model == "models/smollm2" and cfg.scale == "quick" and not pipeline.on_world
     for name in cfg.methods:
         made = pipeline.method_config(name, "sim")
-        assert made.dtype == "bfloat16" and getattr(made, "use_lora", True)
+        trains = hasattr(made, "mixed_precision")
+        assert (made.dtype, getattr(made, "mixed_precision", None)) == (("float32", "bf16") if trains else ("bfloat16", None))
+        assert getattr(made, "use_lora", True)
         for key, value in cfg.stages[name].items():
             assert getattr(made, key) == value
-    assert pipeline.sft_config().use_lora and pipeline.reward_model_config("sim").use_lora
+    for made in (pipeline.sft_config(), pipeline.reward_model_config("sim")):
+        assert made.use_lora and (made.dtype, made.mixed_precision) == ("float32", "bf16")
 
 
 def test_methods_are_chosen_by_name_and_group():

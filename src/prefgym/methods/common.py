@@ -256,7 +256,7 @@ def save_model(model, tokenizer, out_dir: str | Path, state_dict: dict | None = 
     """`save_pretrained` (safetensors) of a plain model, merging LoRA adapters first (`_merged_in_fp32`:
     a LoRA model on a bf16 / fp16 base is saved in float32, which keeps its update). A peft model is
     merged in place, on the CPU: it is not for training after this. `state_dict`: the full weights
-    of a model FSDP shards (`save_trained`), written instead of the model's own (a peft model's are
+    of a model FSDP or ZeRO-3 shards (`save_trained`), written instead of the model's own (a peft model's are
     merged on a CPU copy, `_unsharded_peft`)."""
     from peft import PeftModel
 
@@ -272,12 +272,14 @@ def save_model(model, tokenizer, out_dir: str | Path, state_dict: dict | None = 
 def save_trained(accelerator, model, tokenizer, out_dir: str | Path, part: str = "") -> None:
     """`save_model` of the model a loop trained: `part` of its prepared `model` ("model", "policy";
     "" for `model` itself), written by the main process. Every process must call it: under FSDP
-    each process holds a shard of each weight, so the full weights are gathered first
-    (`accelerator.get_state_dict`, a collective) and the main process writes those."""
+    and DeepSpeed ZeRO-3 each process holds a shard of each weight, so the full weights are
+    gathered first (`accelerator.get_state_dict`, a collective) and the main process writes those."""
     from accelerate.utils import DistributedType
 
+    from prefgym.methods.zero3 import is_zero3
+
     inner = accelerator.unwrap_model(model).get_submodule(part)
-    if accelerator.distributed_type != DistributedType.FSDP:
+    if accelerator.distributed_type != DistributedType.FSDP and not is_zero3(accelerator):
         if accelerator.is_main_process:
             save_model(inner, tokenizer, out_dir)
         return
@@ -288,15 +290,17 @@ def save_trained(accelerator, model, tokenizer, out_dir: str | Path, part: str =
 
 
 def _unsharded_peft(model, state_dict: dict):
-    """A CPU copy of the FSDP-sharded peft `model` holding `state_dict`, its full weights: the same
-    model class (not FSDP's subclass), config and adapter config, built without initialising."""
+    """A CPU copy of the sharded (FSDP, ZeRO-3) peft `model` holding `state_dict`, its full weights:
+    the same model class (not FSDP's subclass), config and adapter config, built without initialising."""
     from peft import get_peft_model
     from torch.distributed.fsdp import FSDPModule
     from transformers.initialization import no_init_weights
 
+    from prefgym.methods.zero3 import whole_weights
+
     base = model.get_base_model()
     cls = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))
-    with no_init_weights():
+    with no_init_weights(), whole_weights():
         copy = get_peft_model(cls(base.config), model.peft_config[model.active_adapter])
     copy.load_state_dict(state_dict, assign=True)
     return copy
@@ -825,7 +829,9 @@ def end_training(accelerator) -> None:
     `process_group_kept()` the group stays up for the next training of the same launch (only
     the trackers end: Accelerate's own end_training destroys the group). A vLLM engine the loop
     sampled on goes first (`release_engine`): it joined torch.distributed itself (a world of one),
-    and its own cleanup fails once that group is gone."""
+    and its own cleanup fails once that group is gone. Last, mixed precision is turned off for what
+    runs next in a one-process run (`fields.end_mixed_precision`)."""
+    from prefgym.methods.fields import end_mixed_precision
     from prefgym.models.vllm_engine import release_engine
 
     release_engine()
@@ -835,6 +841,7 @@ def end_training(accelerator) -> None:
         return
     accelerator.end_training()
     end_process_group()
+    end_mixed_precision()
 
 
 def end_process_group() -> None:

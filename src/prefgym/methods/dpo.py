@@ -41,7 +41,7 @@ from prefgym.data.preferences import annotated_pairs
 from prefgym.data.prompts import format_record, make_prompt_formatter
 from prefgym.errors import ConfigError, DataError
 from prefgym.io import append_jsonl, atomic_path
-from prefgym.methods import common, fields
+from prefgym.methods import common, fields, zero3
 from prefgym.seeding import rng_for, seed_everything
 
 
@@ -227,7 +227,8 @@ def _reference_logps(accelerator, model, tokenizer, examples, cfg: DPOConfig) ->
         task = progress.add_task("reference log-probs", total=len(mine), info="")
         for s in range(0, len(mine), cfg.per_device_batch_size):
             idx = mine[s:s + cfg.per_device_batch_size]
-            c, r = model(*_pair_batch(tokenizer, [examples[i] for i in idx], cfg.max_length, accelerator.device))
+            with accelerator.autocast():  # mixed precision as `prepare` runs the policy: step 1's log-ratios are 0
+                c, r = model(*_pair_batch(tokenizer, [examples[i] for i in idx], cfg.max_length, accelerator.device))
             rows += [(i, float(a), float(b)) for i, a, b in zip(idx, c.tolist(), r.tolist())]
             progress.update(task, advance=len(idx))
     model.train(was_training)
@@ -265,8 +266,6 @@ def _check(cfg: DPOConfig) -> None:
 
 def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
     """Train a policy with DPO / IPO on annotated pairs; returns its folder (save_pretrained)."""
-    from accelerate import Accelerator
-
     from prefgym.models.loading import load_policy
 
     _check(cfg)
@@ -276,7 +275,7 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
     common.check_output_dir(cfg, out / "train_config.json")
     if cfg.resume and (out / "model.safetensors").exists() and not (out / "checkpoint").exists():
         return out  # already complete
-    accelerator = Accelerator(**fields.accelerator_kwargs(cfg, out))
+    accelerator = fields.make_accelerator(cfg, out)
     fields.start_tracking(accelerator, cfg, "dpo")
     seed_everything(cfg.seed)
     if records is None:
@@ -295,7 +294,8 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
     else:
         ref_model = model if not cfg.reference_model else PairLogps(load_policy(
             cfg.reference_model, cfg, trainable=False)).to(accelerator.device)
-        ref_logps = _reference_logps(accelerator, ref_model, tokenizer, examples, cfg)
+        with zero3.gathered(ref_model):  # the policy as loaded under ZeRO-3 is partitioned, not yet prepared
+            ref_logps = _reference_logps(accelerator, ref_model, tokenizer, examples, cfg)
         del ref_model
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)

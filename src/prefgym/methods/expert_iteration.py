@@ -18,9 +18,9 @@ import typer
 
 from prefgym.errors import ConfigError
 from prefgym.methods.best_of_n import BestOfNConfig, run as run_best_of_n
-from prefgym.methods.fields import GenerationFields, RewardEnsembleFields
+from prefgym.methods.fields import GenerationFields, RewardEnsembleFields, make_accelerator
 from prefgym.methods.reward_conditioning import sft_config
-from prefgym.methods.sft import SFTConfig, _accelerator, train_sft
+from prefgym.methods.sft import SFTConfig, train_sft
 
 BEST_OF_N_FILE = "best_of_n_outputs.json"
 
@@ -77,7 +77,7 @@ def train(cfg: ExpertIterationConfig) -> Path:
 
     # 1. Best-of-n outputs of the SFT policy. Several processes share the sampling and scoring
     #    (`best_of_n.run` writes on the main process; all return once the file is there).
-    _accelerator(cfg.mixed_precision)  # the process state `train_sft` uses next
+    make_accelerator(cfg, out)  # the process state `train_sft` uses next
     run_best_of_n(best_of_n_config(cfg, chosen_file))
 
     # 2. SFT of the SFT model on them.

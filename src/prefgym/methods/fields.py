@@ -2,8 +2,9 @@
 experiment tracking, the generation engine; and a DeepSpeed launch's config fitted to the method.
 
 A method's config inherits them (`class DPOConfig(TrainFields, LoraFields)`), so `--set
-dtype=bfloat16`, `--set gradient_checkpointing=true` or `--set report_to=tensorboard` work on
-every command. The values are checked when the config is built (a ConfigError naming the key).
+dtype=bfloat16`, `--set mixed_precision=bf16`, `--set gradient_checkpointing=true` or `--set
+report_to=tensorboard` work on every command. The values are checked when the config is built (a
+ConfigError naming the key). Every training loop makes its Accelerator with `make_accelerator`.
 
 Experiment tracking (`report_to`) goes through Accelerate's trackers beside the metrics.jsonl
 that every loop writes: `accelerator_kwargs` / `start_tracking` / `track` /
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -52,10 +54,14 @@ class TrainFields(ModelFields):
     save_every_seconds: float = 300.0
     """Save a checkpoint whenever this many seconds have passed since the last, as well as every
     `save_steps` steps (0: by steps only). Loops that save after every iteration (Quark) ignore it."""
+    mixed_precision: str = "no"
+    """Accelerate mixed precision (TRL's bf16 / fp16): no, bf16 or fp16; forward passes autocast, weights in `dtype`
+    (float32: fp32 master weights). no: a launcher's --mixed_precision, if any (`make_accelerator`)."""
 
     def __post_init__(self):
         super().__post_init__()
         tracker_names(self.report_to)
+        check_mixed_precision(self.mixed_precision, self.dtype)
 
 
 @dataclass
@@ -122,6 +128,67 @@ def check_model_fields(cfg) -> None:
         raise ConfigError("key 'attn_implementation' is empty; leave it unset for transformers' default")
 
 
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+
+
+def check_mixed_precision(mixed_precision: str, dtype: str) -> None:
+    """ConfigError naming the key for an unknown mixed precision, or one that cannot train the weights
+    `dtype` loads: fp16 needs float32 weights (its gradient scaler refuses fp16 gradients; bf16
+    weights would be squeezed into fp16's range), and neither autocasts float16 weights usefully.
+    bf16 over bfloat16 weights is allowed (TRL allows it) but keeps no fp32 master weights."""
+    if mixed_precision not in MIXED_PRECISIONS:
+        raise ConfigError(f"key 'mixed_precision' should be one of {', '.join(MIXED_PRECISIONS)}, "
+                          f"got {mixed_precision!r}")
+    refused = {"fp16": ("float16", "bfloat16"), "bf16": ("float16",), "no": ()}[mixed_precision]
+    if dtype in refused:
+        raise ConfigError(f"key 'mixed_precision': {mixed_precision} with dtype {dtype} weights does not train; "
+                          f"load the weights in float32 (dtype=float32) for {mixed_precision} mixed precision")
+
+
+def make_accelerator(cfg, output_dir: str | Path, **extra):
+    """The Accelerator of a training loop: cfg.mixed_precision, trackers (`accelerator_kwargs`),
+    data-parallel CPU processes (gloo) when several run without a GPU; `extra`: more Accelerator arguments.
+
+    Accelerate keeps mixed precision process-wide; a one-process run (a pipeline, the tests) that
+    trains several times gets the setting each config asks for (`end_mixed_precision` turns it off
+    after each). cfg.mixed_precision no leaves a launcher's `--mixed_precision` in force, as TRL does.
+    Models the loop runs unprepared (reference, reward model, sampling) go under
+    `accelerator.autocast()`, as `prepare` puts the trained model's forward."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    mixed = cfg.mixed_precision if cfg.mixed_precision != "no" else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    n_proc = int(os.environ.get("WORLD_SIZE", "1"))
+    current = AcceleratorState._shared_state.get("_mixed_precision", mixed)
+    if current != mixed:
+        if n_proc > 1:
+            raise ConfigError(f"key 'mixed_precision': {mixed} in a launch that already trained with {current}; "
+                              "every training of one launch needs the same mixed_precision")
+        _reset_accelerate()
+    if mixed == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("key 'mixed_precision': fp16 needs a GPU (Accelerate ignores it on CPU); use bf16")
+    return Accelerator(mixed_precision=mixed, cpu=n_proc > 1 and not torch.cuda.is_available(),
+                       **accelerator_kwargs(cfg, output_dir), **extra)
+
+
+def end_mixed_precision() -> None:
+    """After a one-process training: Accelerate's process-wide mixed precision back to unset, so that
+    what runs next in the process (another training, a bare Accelerator) does not inherit it."""
+    from accelerate.state import AcceleratorState
+
+    one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if one_process and AcceleratorState._shared_state.get("_mixed_precision", "no") != "no":
+        _reset_accelerate()
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 # ---------------------------------------------------------------------------------------------
 # Experiment tracking
 
@@ -184,15 +251,20 @@ def micro_batch_size(cfg) -> int:
 
 
 def check_deepspeed_stage(plugin) -> None:
-    """ConfigError for ZeRO stage 3: it partitions every model transformers loads once the
-    Accelerator exists (the reference and reward models too, which prefgym runs unprepared), and
-    the saved model would need gathering; stages 0 to 2 keep whole weights on each process."""
-    if plugin.zero_stage == 3:
-        raise ConfigError("DeepSpeed ZeRO stage 3 is not supported (reference and reward models would be "
-                          "partitioned unprepared); use configs/accelerate/deepspeed_zero2.yaml or fsdp.yaml")
+    """ConfigError for a ZeRO stage 3 config that does not gather the weights to save: each process
+    holds a shard of every weight, and the saved model is the full weights gathered
+    (`common.save_trained`), which DeepSpeed gives only with stage3_gather_16bit_weights_on_model_save."""
+    if plugin.zero_stage != 3:
+        return
+    gather = plugin.deepspeed_config.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save")
+    if gather is not True:
+        raise ConfigError(f"DeepSpeed ZeRO stage 3: zero_optimization.stage3_gather_16bit_weights_on_model_save is "
+                          f"{gather!r}; set it to true (zero3_save_16bit_model: true in the Accelerate config, as in "
+                          "configs/accelerate/deepspeed_zero3.yaml) so that the trained model can be saved whole")
 
 
 _FITTED = "_prefgym_fitted"  # the plugin attribute naming the keys prefgym filled (and may fill again)
+_AUTO = "_prefgym_auto"  # the plugin attribute naming the keys the launch's config left to "auto"
 
 
 def fit_deepspeed_config(plugin, cfg):
@@ -202,8 +274,12 @@ def fit_deepspeed_config(plugin, cfg):
     (`micro_batch_size`), train_batch_size (back to auto: Accelerate multiplies), gradient_clipping
     (the method's max_grad_norm; 0, none, for methods that do not clip). gradient_accumulation_steps must be 1: prefgym's loops
     accumulate `grad_accum` micro-batches themselves, loss scaled, and tell DeepSpeed where an
-    accumulation ends (`common.no_sync_unless`). Returns the plugin."""
+    accumulation ends (`common.no_sync_unless`). The other keys the config leaves to "auto"
+    (a DeepSpeed config file's zero_optimization bucket sizes, which Accelerate's `prepare` sizes
+    from the model's hidden size, in place) are set back to "auto" first, so that each training of
+    a launch (a reward-model ensemble's members, a pipeline's stages) gets its own. Returns the plugin."""
     check_deepspeed_stage(plugin)
+    _restore_auto(plugin)
     config, fitted = plugin.deepspeed_config, getattr(plugin, _FITTED, set())
     gas = config.get("gradient_accumulation_steps", 1)
     if gas not in (1, "auto"):
@@ -216,7 +292,57 @@ def fit_deepspeed_config(plugin, cfg):
             config[key] = value
             fitted.add(key)
     setattr(plugin, _FITTED, fitted)
+    zero = config.get("zero_optimization", {})
+    if any(zero.get(key) == "auto" for key in _HIDDEN_SIZED):
+        zero.update({k: v for k, v in _hidden_sized(cfg).items() if zero.get(k) == "auto"})
     return plugin
+
+
+_HIDDEN_SIZED = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+
+
+def _hidden_sized(cfg) -> dict:
+    """Accelerate's values for the zero_optimization keys a DeepSpeed config file may leave to
+    "auto" (HF's ZeRO-3 template does): reduce_bucket_size h², stage3_prefetch_bucket_size 0.9·h²,
+    stage3_param_persistence_threshold 10·h, h the hidden size of the method's model. Accelerate
+    reads h from the prepared module's `config`, which prefgym's wrappers (PairLogps,
+    PolicyAndValue, TokenScorer) do not have, and stops; prefgym reads the model folder's config."""
+    from transformers import AutoConfig
+
+    folder = getattr(cfg, "model_name_or_path", None) or getattr(cfg, "policy_model", None)
+    try:
+        model_config = AutoConfig.from_pretrained(str(folder)).get_text_config()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"DeepSpeed config: zero_optimization {', '.join(_HIDDEN_SIZED)} left to auto are sized "
+                          f"from the model's hidden size, but {folder!r} gave no model config ({str(e)[:200]}); "
+                          "set them to numbers") from None
+    h = getattr(model_config, "hidden_size", None) or max(getattr(model_config, "hidden_sizes", None) or [0])
+    return {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+            "stage3_param_persistence_threshold": 10 * h}
+
+
+def _restore_auto(plugin) -> None:
+    """Set the keys the launch's config left to "auto" (noted at its first training, before any
+    `prepare` filled them) back to "auto"."""
+    if not hasattr(plugin, _AUTO):
+        setattr(plugin, _AUTO, _auto_keys(plugin.deepspeed_config))
+    for key in getattr(plugin, _AUTO):
+        *parents, last = key.split(".")
+        node = plugin.deepspeed_config
+        for part in parents:
+            node = node[part]
+        node[last] = "auto"
+
+
+def _auto_keys(config: dict, prefix: str = "") -> list[str]:
+    """The dotted keys ("zero_optimization.reduce_bucket_size") whose value in `config` is "auto"."""
+    keys = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            keys += _auto_keys(value, f"{prefix}{key}.")
+        elif value == "auto":
+            keys.append(prefix + key)
+    return keys
 
 
 def track(accelerator, metrics: dict, step: int | None = None) -> None:

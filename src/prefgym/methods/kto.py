@@ -36,7 +36,7 @@ from prefgym.data.preferences import annotated_pairs
 from prefgym.data.prompts import format_record, make_prompt_formatter
 from prefgym.errors import ConfigError, DataError
 from prefgym.io import atomic_path
-from prefgym.methods import common, fields
+from prefgym.methods import common, fields, zero3
 from prefgym.methods.dpo import PairLogps, _pair_batch, _reference_logps
 from prefgym.methods.simpo import load_pair_model, train_on_examples
 from prefgym.seeding import rng_for, seed_everything
@@ -183,7 +183,8 @@ def _cached_reference_logps(cfg: KTOConfig, accelerator, model, tokenizer, examp
     else:
         ref_model = model if not cfg.reference_model else PairLogps(load_policy(
             cfg.reference_model, cfg, trainable=False)).to(accelerator.device)
-        ref_logps = _reference_logps(accelerator, ref_model, tokenizer, examples, cfg)
+        with zero3.gathered(ref_model):  # the policy as loaded under ZeRO-3 is partitioned, not yet prepared
+            ref_logps = _reference_logps(accelerator, ref_model, tokenizer, examples, cfg)
         del ref_model
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
@@ -198,14 +199,12 @@ def _cached_reference_logps(cfg: KTOConfig, accelerator, model, tokenizer, examp
 
 def train(cfg: KTOConfig, records: list[dict] | None = None, unpaired: list[dict] | None = None) -> Path:
     """Train a policy with KTO; `records`: annotated pairs, `unpaired`: rows with a label. Returns its folder."""
-    from accelerate import Accelerator
-
     _check(cfg)
     out = Path(cfg.output_dir)
     common.check_output_dir(cfg, out / "train_config.json")
     if cfg.resume and (out / "model.safetensors").exists() and not (out / "checkpoint").exists():
         return out  # already complete
-    accelerator = Accelerator(**fields.accelerator_kwargs(cfg, out))
+    accelerator = fields.make_accelerator(cfg, out)
     fields.start_tracking(accelerator, cfg, "kto")
     seed_everything(cfg.seed)
     model, tokenizer = load_pair_model(cfg)

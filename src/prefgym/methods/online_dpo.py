@@ -37,7 +37,7 @@ import typer
 from prefgym.data.prompts import make_prompt_formatter
 from prefgym.errors import ConfigError, DataError
 from prefgym.io import append_jsonl, write_json, write_jsonl
-from prefgym.methods import common, dpo, fields
+from prefgym.methods import common, dpo, fields, zero3
 from prefgym.seeding import rng_for, seed_everything, stable_hash
 
 
@@ -191,8 +191,6 @@ def label_totals(rounds: list[dict]) -> dict:
 
 def train(cfg: OnlineDPOConfig, prompts: list[dict] | None = None) -> Path:
     """Run online DPO; returns the folder of the trained policy (save_pretrained)."""
-    from accelerate import Accelerator
-
     from prefgym.methods.rloo import load_policy_and_reference
 
     _check(cfg)
@@ -202,7 +200,7 @@ def train(cfg: OnlineDPOConfig, prompts: list[dict] | None = None) -> Path:
     common.check_output_dir(cfg, out / "train_config.json")
     if cfg.resume and (out / "model.safetensors").exists() and not (out / "checkpoint").exists():
         return out  # already complete
-    accelerator = Accelerator(**fields.accelerator_kwargs(cfg, out))
+    accelerator = fields.make_accelerator(cfg, out)
     if accelerator.num_processes > 1:
         raise ConfigError("online_dpo runs on one process (its sampling and labelling are not sharded)")
     fields.start_tracking(accelerator, cfg, "online_dpo")
@@ -244,8 +242,10 @@ def train(cfg: OnlineDPOConfig, prompts: list[dict] | None = None) -> Path:
         for r in range(start_round, cfg.rounds):
             # 1-3. The round's pairs, sampled from the current policy, and their labels.
             rows = round_rows(cfg.seed, r, cfg.pairs_per_round, len(prompts))
-            pairs = sample_pairs(accelerator.unwrap_model(model).model, tokenizer, prompts, prompt_texts, rows, cfg, r,
-                                 engine=engine)
+            # the sampling policy unprepared, as `prepare` runs it (mixed precision); ZeRO-3: on its whole weights
+            with accelerator.autocast(), zero3.gathered(model):
+                pairs = sample_pairs(accelerator.unwrap_model(model).model, tokenizer, prompts, prompt_texts, rows, cfg,
+                                     r, engine=engine)
             labelled, account = label_pairs(pairs, cfg, out / "annotation_cache")
             for row in labelled:
                 append_jsonl(out / "pairs.jsonl", {**row, "round": r})
@@ -284,6 +284,7 @@ def train(cfg: OnlineDPOConfig, prompts: list[dict] | None = None) -> Path:
     write_json(out / "labels_used.json", {**label_totals(rounds), "annotators": cfg.annotators})
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     fields.finish_tracking(accelerator)
+    fields.end_mixed_precision()
     return out
 
 

@@ -28,7 +28,7 @@ import typer
 from prefgym.data.prompts import make_prompt_formatter
 from prefgym.errors import ConfigError
 from prefgym.io import append_jsonl
-from prefgym.methods import common, fields
+from prefgym.methods import common, fields, zero3
 from prefgym.methods.sft import CRASH_AFTER_STEP_ENV
 from prefgym.seeding import rng_for, seed_everything, stable_hash
 
@@ -326,7 +326,8 @@ def _load_models(cfg: PPOConfig):
     else:
         value_model = load_score_model(scorer.members[0].path, cfg, num_labels=None)
         value_model.config.pad_token_id = tokenizer.pad_token_id
-        init_value_head(value_model, cfg.value_init, scorer.members[0].normalization)
+        with zero3.gathered(value_model.score):  # ZeRO-3: the head as loaded is partitioned; the new one is whole
+            init_value_head(value_model, cfg.value_init, scorer.members[0].normalization)
         reference = load_policy(cfg.policy_model, cfg, trainable=False)
         reference.requires_grad_(False)
         reference.eval()
@@ -389,8 +390,6 @@ def _reference_logps(reference, policy, ids, mask, response_mask, temperature):
 
 def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
     """Run PPO; returns the folder of the trained policy (save_pretrained)."""
-    from accelerate import Accelerator
-
     for key in ("policy_model", "reward_model", "output_dir"):
         if not getattr(cfg, key):
             raise ConfigError(f"ppo: '{key}' is required")
@@ -407,7 +406,7 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
     common.check_output_dir(cfg, out / "train_config.json")
     if cfg.resume and (out / "model.safetensors").exists() and not (out / "checkpoint").exists():
         return out  # already complete
-    accelerator = Accelerator(**fields.accelerator_kwargs(cfg, out))
+    accelerator = fields.make_accelerator(cfg, out)
     fields.start_tracking(accelerator, cfg, "ppo")
     seed_everything(cfg.seed)
     if prompts is None:
@@ -449,10 +448,13 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
 
             # 2. Sample one response per prompt (seeded per global row: same on 1 or N processes); on the
             #    vLLM engine, once it holds the policy's weights as the last update left them.
+            #    The models run unprepared (sampling, reference, reward model) autocast as `prepare` runs the
+            #    trained ones (mixed precision): at step 1 the KL is 0.
             seeds = [stable_hash(cfg.seed, "ppo-sample", step, k * global_batch + rank * B + i) for i in range(B)]
-            query_ids, query_mask, response_ids = common.sample_rollout(
-                engine, unwrapped.policy, tokenizer, [prompt_texts[i] for i in rows], seeds=seeds,
-                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, max_prompt_length=cfg.max_prompt_length)
+            with accelerator.autocast(), zero3.gathered(model, "policy"):  # ZeRO-3: on the whole policy
+                query_ids, query_mask, response_ids = common.sample_rollout(
+                    engine, unwrapped.policy, tokenizer, [prompt_texts[i] for i in rows], seeds=seeds,
+                    temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, max_prompt_length=cfg.max_prompt_length)
 
             # 3. Truncate after the first EOS.
             response_ids, response_mask, has_eos = common.truncate_after_eos(
@@ -468,9 +470,10 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
             logps, values, token_entropy, kept_logps, kept_values = rollout_logps_and_values(
                 model, ids, mask, P, cfg.temperature, first)
             with torch.no_grad():
-                ref_logps = _reference_logps(reference, unwrapped.policy, ids, mask, F.pad(response_mask, (P, 0)),
-                                             cfg.temperature)[:, P:]
-                raw_score = _reward_scores(scorer, unwrapped.value_model if cfg.use_lora else None, ids, mask)
+                with accelerator.autocast():
+                    ref_logps = _reference_logps(reference, unwrapped.policy, ids, mask, F.pad(response_mask, (P, 0)),
+                                                 cfg.temperature)[:, P:]
+                    raw_score = _reward_scores(scorer, unwrapped.value_model if cfg.use_lora else None, ids, mask)
                 entropy = common.masked_mean(token_entropy, response_mask)
 
                 # 5. Responses that never emit EOS get a fixed, low score.

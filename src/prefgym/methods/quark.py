@@ -42,7 +42,7 @@ import torch
 import typer
 
 from prefgym.errors import ConfigError
-from prefgym.methods import fields
+from prefgym.methods import fields, zero3
 
 POOL_FILE = "pool.jsonl"
 
@@ -240,7 +240,6 @@ def quark_loss(policy, reference, tokenizer, samples: list[dict], quantiles, tok
 
 def train(cfg: QuarkConfig) -> Path:
     """Train a Quark policy; returns the output dir (save_pretrained + conditioning.json)."""
-    from accelerate import Accelerator
     from prefgym.data import load_records
     from prefgym.data.prompts import make_prompt_formatter
     from prefgym.io import append_jsonl, read_records, write_json, write_jsonl
@@ -262,9 +261,7 @@ def train(cfg: QuarkConfig) -> Path:
     if cfg.resume and (out / "conditioning.json").exists():
         return out  # finished earlier
 
-    # Several processes without a GPU: data-parallel on CPU (gloo), as `train_sft` does.
-    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(cpu=cpu, **fields.accelerator_kwargs(cfg, out))
+    accelerator = fields.make_accelerator(cfg, out)  # several processes without a GPU: data parallel on CPU (gloo)
     fields.start_tracking(accelerator, cfg, "quark")
     n_proc, rank = accelerator.num_processes, accelerator.process_index
     if cfg.rollout_batch_size % n_proc:
@@ -328,19 +325,22 @@ def train(cfg: QuarkConfig) -> Path:
             def rollout(first: int) -> list[dict]:
                 """The scored samples of the generation batch that starts at rollout prompt `first`."""
                 part = rollout_prompts[first:first + sampling.batch_size]
-                if engine is None:
-                    texts, finished = generate_with_eos(accelerator.unwrap_model(policy), tokenizer, part,
-                                                        rollout_sampling, first_index=first)
-                else:
-                    texts, finished = engine.generate_with_eos(part, rollout_sampling, first)
-                samples = [{**r, "output": t[0]} for r, t in zip(batch[first:first + len(part)], texts)]
-                rewards = common.missing_eos_scores(scorer.score(samples), [f[0] for f in finished],
-                                                    cfg.missing_eos_penalty)
+                with accelerator.autocast():  # the unprepared models as `prepare` runs the policy (mixed precision)
+                    if engine is None:
+                        texts, finished = generate_with_eos(accelerator.unwrap_model(policy), tokenizer, part,
+                                                            rollout_sampling, first_index=first)
+                    else:
+                        texts, finished = engine.generate_with_eos(part, rollout_sampling, first)
+                    samples = [{**r, "output": t[0]} for r, t in zip(batch[first:first + len(part)], texts)]
+                    scores = scorer.score(samples)
+                rewards = common.missing_eos_scores(scores, [f[0] for f in finished], cfg.missing_eos_penalty)
                 return [{**s, "reward": float(x), "truncated": not f[0], "iteration": it}
                         for s, x, f in zip(samples, rewards, finished)]
 
             # 2. One pool for all processes: every process gets every batch's samples, in batch order.
-            new = [row for rows in map_sharded(rollout, range(0, len(batch), sampling.batch_size)) for row in rows]
+            #    ZeRO-3: on the whole policy, gathered once by every process (a last round may leave some idle).
+            with zero3.gathered(policy):
+                new = [row for rows in map_sharded(rollout, range(0, len(batch), sampling.batch_size)) for row in rows]
             if cfg.clear_pool_each_iteration:
                 pool = []
             pool.extend(new)
@@ -360,9 +360,10 @@ def train(cfg: QuarkConfig) -> Path:
                 for m in range(cfg.grad_accum):
                     micro = idx[m * cfg.per_device_batch_size:(m + 1) * cfg.per_device_batch_size]
                     with common.no_sync_unless(accelerator, policy, m == cfg.grad_accum - 1):
-                        loss, s = quark_loss(policy, reference, tokenizer, [pool[i] for i in micro],
-                                             quantiles[micro], train_tokens, cfg.kl_coef, cfg.entropy_coef,
-                                             cfg.max_length, fmt)
+                        with accelerator.autocast():  # the reference too, as `prepare` runs the policy
+                            loss, s = quark_loss(policy, reference, tokenizer, [pool[i] for i in micro],
+                                                 quantiles[micro], train_tokens, cfg.kl_coef, cfg.entropy_coef,
+                                                 cfg.max_length, fmt)
                         accelerator.backward(loss / cfg.grad_accum)
                     stats.append(s)
                 if cfg.max_grad_norm > 0:

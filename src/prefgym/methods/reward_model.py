@@ -134,8 +134,6 @@ def _split(cfg: RewardModelConfig, n_pairs: int) -> tuple[np.ndarray, np.ndarray
 def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
     """Train a reward model (or an ensemble, `ensemble_size` > 1); returns its folder
     (save_pretrained + reward_normalization.json, or the members + ensemble.json)."""
-    from accelerate import Accelerator
-
     from prefgym.models.loading import load_score_model
 
     if not cfg.model_name_or_path or not cfg.output_dir:
@@ -150,7 +148,7 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
     common.check_output_dir(cfg, out / "train_config.json")
     if (out / NORMALIZATION_FILE).exists() and cfg.resume:
         return out  # already complete
-    accelerator = Accelerator(**fields.accelerator_kwargs(cfg, out))
+    accelerator = fields.make_accelerator(cfg, out)
     fields.start_tracking(accelerator, cfg, "reward_model")
     seed_everything(cfg.seed)
 
@@ -289,9 +287,7 @@ def train_ensemble(cfg: RewardModelConfig, records: list[dict] | None = None) ->
     # gradients): every rank then waits for rank 0's files at the end, also when all members are
     # already trained and no member makes an Accelerator.
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import Accelerator
-
-        Accelerator()
+        fields.make_accelerator(cfg, out)  # also the members' mixed precision: one per launch
     main = int(os.environ.get("RANK", "0")) == 0
     if main:
         out.mkdir(parents=True, exist_ok=True)

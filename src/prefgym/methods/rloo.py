@@ -36,7 +36,7 @@ import typer
 from prefgym.data.prompts import make_prompt_formatter
 from prefgym.errors import ConfigError
 from prefgym.io import append_jsonl
-from prefgym.methods import common, fields
+from prefgym.methods import common, fields, zero3
 from prefgym.methods.sft import CRASH_AFTER_STEP_ENV
 from prefgym.seeding import rng_for, seed_everything, stable_hash
 
@@ -239,15 +239,13 @@ def train_group_policy(cfg, prompts: list[dict] | None, name: str, score_fn_fact
     `advantages_fn(rollout, score, reduce_sum) -> ((N·k,) advantages, dict of (N·k,) per-sequence stats)`;
     `loss_fn(new_logps, rollout, advantages, i, token_count) -> dict with "loss"` for minibatch rows `i`.
     """
-    from accelerate import Accelerator
-
     if prompts is None and not cfg.prompt_file:
         raise ConfigError(f"{name}: 'prompt_file' is required (the unlabeled split)")
     out = Path(cfg.output_dir)
     common.check_output_dir(cfg, out / "train_config.json")
     if cfg.resume and (out / "model.safetensors").exists() and not (out / "checkpoint").exists():
         return out  # already complete
-    accelerator = Accelerator(**fields.accelerator_kwargs(cfg, out))
+    accelerator = fields.make_accelerator(cfg, out)
     fields.start_tracking(accelerator, cfg, name)
     seed_everything(cfg.seed)
     if prompts is None:
@@ -288,13 +286,17 @@ def train_group_policy(cfg, prompts: list[dict] | None, name: str, score_fn_fact
 
             # 2. k samples per prompt (seeded per prompt and sample), cut after EOS; old and reference log-probs.
             #    On the vLLM engine, once it holds the policy's weights as the last update left them.
-            rollout = sample_groups(accelerator.unwrap_model(model), reference, tokenizer, prompt_texts, rows,
-                                    cfg.k, seed_parts=(cfg.seed, f"{name}-sample", step), temperature=cfg.temperature,
-                                    max_new_tokens=cfg.max_new_tokens, max_prompt_length=cfg.max_prompt_length,
-                                    with_reference=with_reference, engine=engine)
+            #    The models run unprepared (sampling, reference, reward model) autocast as `prepare` runs
+            #    the policy (mixed precision): at step 1 the old log-probs are the reference's.
+            with accelerator.autocast(), zero3.gathered(model):  # ZeRO-3: sampled on the whole policy
+                rollout = sample_groups(accelerator.unwrap_model(model), reference, tokenizer, prompt_texts, rows,
+                                        cfg.k, seed_parts=(cfg.seed, f"{name}-sample", step),
+                                        temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                        max_prompt_length=cfg.max_prompt_length, with_reference=with_reference,
+                                        engine=engine)
 
-            # 3. Scores; responses that never emit EOS get the missing-EOS score.
-            raw_score = score_fn(rollout, [prompts[r] for r in rollout.rows]).to(device).float()
+                # 3. Scores; responses that never emit EOS get the missing-EOS score.
+                raw_score = score_fn(rollout, [prompts[r] for r in rollout.rows]).to(device).float()
             score = common.missing_eos_scores(raw_score, rollout.has_eos, cfg.missing_eos_penalty)
 
             # 4. Advantages (per sequence), from the scores of each prompt's group.

@@ -19,12 +19,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from prefgym.errors import ConfigError, DataError
 from prefgym.methods.fields import LoraFields, TrainFields
+
+if TYPE_CHECKING:
+    import torch
 
 CRASH_AFTER_STEP_ENV = "PREFGYM_CRASH_AFTER_STEP"  # tests: hard-exit after this step (simulated kill)
 
@@ -69,8 +72,6 @@ class SFTConfig(TrainFields, LoraFields):
     """Write a metrics.jsonl row every this many steps."""
     resume: bool = True
     """Continue from the last checkpoint in output_dir if there is one (False: start over)."""
-    mixed_precision: str = "no"
-    """Accelerate mixed precision: no, bf16 or fp16."""
     progress: bool = True
     """Show a progress bar."""
     disable_dropout: bool = True
@@ -92,7 +93,7 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None, trainable_token
     from prefgym.data import load_records, validate_records
     from prefgym.data.prompts import make_prompt_formatter
     from prefgym.io import append_jsonl, write_json
-    from prefgym.methods import fields
+    from prefgym.methods import fields, zero3
     from prefgym.models import collate, load_model_and_tokenizer, tokenize_example
     from prefgym.seeding import seed_everything, stable_hash
 
@@ -114,7 +115,7 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None, trainable_token
     if not records:
         raise DataError("no demonstrations to train on", path=cfg.train_file or "records")
 
-    accelerator = _accelerator(cfg.mixed_precision, **fields.accelerator_kwargs(cfg, out))
+    accelerator = fields.make_accelerator(cfg, out)
     fields.start_tracking(accelerator, cfg, "sft")
     seed_everything(cfg.seed)
     model, tokenizer = load_model_and_tokenizer(model_path, cfg=cfg, trainable=True)
@@ -149,8 +150,8 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None, trainable_token
         epoch, k = divmod(step, steps_per_epoch)
         return epoch_order(epoch)[k * global_batch:(k + 1) * global_batch]
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    decay = [p for n, p in model.named_parameters() if zero3.full_ndim(p) >= 2]  # ZeRO-3: a shard is 1-d
+    no_decay = [p for n, p in model.named_parameters() if zero3.full_ndim(p) < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     # The scheduler is stepped by hand once per optimizer step (not prepared: Accelerate would
@@ -221,31 +222,7 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None, trainable_token
         write_json(state_file, {"step": total_steps, "done": True})
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     end_training(accelerator)
-    if accelerator.num_processes == 1 and cfg.mixed_precision != "no":
-        _reset_accelerate()  # do not leave mixed precision on for whatever runs next in this process
     return out
-
-
-def _accelerator(mixed_precision: str, **kwargs):
-    """An Accelerator with these settings, also when one with others was made earlier in this process."""
-    import torch
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    n_proc = int(os.environ.get("WORLD_SIZE", "1"))
-    # Accelerate keeps its settings process-wide; one Python session (a pipeline, the tests) may
-    # train several times with different mixed precision.
-    if n_proc == 1 and AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
-        _reset_accelerate()
-    # Several processes without a GPU (torchrun, `accelerate launch --multi_gpu`): data-parallel on CPU (gloo).
-    return Accelerator(mixed_precision=mixed_precision, cpu=n_proc > 1 and not torch.cuda.is_available(), **kwargs)
-
-
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def _response_loss_sum(model, batch) -> "torch.Tensor":

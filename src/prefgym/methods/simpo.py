@@ -198,8 +198,6 @@ def train_on_examples(cfg, name: str, accelerator, model: PairLogps, tokenizer, 
 
 def train(cfg: SimPOConfig, records: list[dict] | None = None) -> Path:
     """Train a policy with SimPO on annotated pairs; returns its folder (save_pretrained)."""
-    from accelerate import Accelerator
-
     _check(cfg)
     if records is None and not cfg.preference_file:
         raise ConfigError("simpo: preference_file is required")
@@ -207,7 +205,7 @@ def train(cfg: SimPOConfig, records: list[dict] | None = None) -> Path:
     common.check_output_dir(cfg, out / "train_config.json")
     if cfg.resume and (out / "model.safetensors").exists() and not (out / "checkpoint").exists():
         return out  # already complete
-    accelerator = Accelerator(**fields.accelerator_kwargs(cfg, out))
+    accelerator = fields.make_accelerator(cfg, out)
     fields.start_tracking(accelerator, cfg, "simpo")
     seed_everything(cfg.seed)
     if records is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -68,9 +69,12 @@ def load_score_model(path: str | os.PathLike, cfg, num_labels: int | None = 1, t
 
 
 def _load(auto_class, path, cfg, trainable: bool, **extra):
+    from prefgym.methods.zero3 import whole_weights
+
     check_model_folder(path)
-    try:
-        model = auto_class.from_pretrained(str(path), **model_kwargs(cfg), **extra)
+    try:  # a frozen model loads whole under DeepSpeed ZeRO-3: no `prepare` would gather its weights
+        with whole_weights() if not trainable else contextlib.nullcontext():
+            model = auto_class.from_pretrained(str(path), **model_kwargs(cfg), **extra)
     except (OSError, ValueError, ImportError) as e:  # a missing folder, an unknown attn_implementation, no flash-attn
         raise ConfigError(f"could not load {path} (dtype={getattr(cfg, 'dtype', None)}, "
                           f"attn_implementation={getattr(cfg, 'attn_implementation', None)}): {str(e)[:300]}") from None
@@ -122,14 +126,17 @@ def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype |
     """
     from transformers import AutoModelForCausalLM
 
+    from prefgym.methods.zero3 import whole_weights
+
     check_model_folder(path)
     tokenizer = load_tokenizer(path, padding_side=padding_side)
     if cfg is not None:
         model = load_policy(path, cfg, trainable=trainable)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype) or torch.float32,
-                                                         **model_kwargs)
+            with whole_weights():  # a model for generation or scoring: whole under DeepSpeed ZeRO-3
+                model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype) or torch.float32,
+                                                             **model_kwargs)
         except OSError as e:
             raise ConfigError(f"could not load a causal LM from {path}: {e}") from None
     if "device_map" not in model_kwargs:  # with a device_map, Accelerate has placed the weights
