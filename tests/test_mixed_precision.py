@@ -7,8 +7,10 @@ training gets its own, and none is left on afterwards."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -164,6 +166,31 @@ def test_step_one_log_ratios_are_exactly_zero_under_bf16(runs, method):
     assert {k: first[k] for k in STEP_ONE_ZEROS[method]} == {k: 0.0 for k in STEP_ONE_ZEROS[method]}
 
 
+@pytest.mark.parametrize("mixed", ["no", "bf16"])
+def test_expert_iteration_samples_and_scores_as_it_trains(toy, tmp_path, monkeypatch, mixed):
+    """Its best-of-n step loads the SFT model in `dtype` (float32): under bf16 it samples and scores
+    autocast, as the loops' rollouts do, not in float32 at half the speed."""
+    seen = []
+    best_of_n = expert_iteration.run_best_of_n
+    monkeypatch.setattr(expert_iteration, "run_best_of_n",
+                        lambda cfg: (seen.append(torch.is_autocast_enabled("cpu")), best_of_n(cfg))[1])
+    _train("expert_iteration", toy, tmp_path / "ei", mixed)
+    assert seen == [mixed == "bf16"]
+
+
+def test_a_reward_model_ensemble_leaves_no_setting_on(toy, tmp_path):
+    """An ensemble's members train in one process group kept up between them (`process_group_kept`),
+    where `end_training` returns early: the setting is still turned off after each member."""
+    from accelerate import Accelerator
+
+    root, sft, _ = toy
+    out = reward_model.train(reward_model.RewardModelConfig(
+        model_name_or_path=str(sft), output_dir=str(tmp_path / "ens"), lr=3e-3, epochs=1, per_device_batch_size=8,
+        max_length=64, ensemble_size=2, mixed_precision="bf16"), records=toy_pairs(16, seed=1, ties=True))
+    assert {w.dtype for w in _weights(out / "member-1").values()} == {torch.float32}
+    assert Accelerator().mixed_precision == "no"
+
+
 def test_each_training_of_a_process_gets_its_own_mixed_precision(runs, toy):
     """fp32, then bf16, then fp32 again in one process: the last run is the first one bit for bit."""
     fp32, bf16 = runs("dpo")
@@ -200,6 +227,18 @@ def test_bad_mixed_precision_is_refused_when_the_config_is_built(values, message
     assert dpo.DPOConfig(mixed_precision="bf16", dtype="bfloat16").mixed_precision == "bf16"  # allowed, as in TRL
 
 
+def test_fp16_over_auto_weights_is_refused_where_auto_means_bf16(monkeypatch):
+    """dtype auto is bfloat16 on an Ampere GPU or a CPU with AMX: fp16 over it does not train either."""
+    from prefgym.models import loading
+
+    monkeypatch.setattr(loading, "auto_dtype", lambda device=None: torch.bfloat16)
+    with pytest.raises(ConfigError, match=r"fp16 with dtype auto \(bfloat16 here\) weights does not train"):
+        dpo.DPOConfig(mixed_precision="fp16", dtype="auto")
+    dpo.DPOConfig(mixed_precision="bf16", dtype="auto")  # bf16 over bf16 weights runs
+    monkeypatch.setattr(loading, "auto_dtype", lambda device=None: torch.float32)
+    assert dpo.DPOConfig(mixed_precision="fp16", dtype="auto").dtype == "auto"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains on a GPU")
 def test_fp16_on_cpu_is_refused_rather_than_ignored(tmp_path):
     from accelerate import Accelerator
@@ -224,3 +263,39 @@ def test_commands_take_the_field_and_name_it_when_wrong(toy, tmp_path, capsys):
     assert "key 'mixed_precision' should be one of no, bf16, fp16, got 'fp8'" in capsys.readouterr().err
     assert main(sft_args + ["bf16"]) == 0
     assert json.loads((tmp_path / "sft" / "sft_config.json").read_text())["mixed_precision"] == "bf16"
+
+
+_DEEPSPEED_LAUNCH = """
+import os, sys
+sys.path.insert(0, {tests!r})
+from test_distributed_configs import CONFIGS, _launch_env
+os.environ.update(_launch_env(CONFIGS / "deepspeed_zero2.yaml"))
+os.environ.update({{"ACCELERATE_MIXED_PRECISION": "bf16", "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "{port}"}})
+from prefgym.methods import dpo, fields
+first = fields.make_accelerator(dpo.DPOConfig(), {out!r})
+os.environ["WORLD_SIZE"] = "2"  # a later training of a launch on two processes (no reset allowed there)
+second = fields.make_accelerator(dpo.DPOConfig(mixed_precision="bf16"), {out!r})
+print("mixed:", first.mixed_precision, second.mixed_precision, first.state._mixed_precision)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
+def test_trainings_of_a_deepspeed_bf16_launch_see_its_setting(tmp_path):
+    """Under DeepSpeed Accelerate's state keeps "no" and the setting lives in the DeepSpeed config:
+    the second training of a bf16 launch (an ensemble's member, expert iteration's SFT, a pipeline's
+    next stage) must see bf16 there, not a conflict with "no"."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = _DEEPSPEED_LAUNCH.format(tests=str(Path(__file__).parent), port=port, out=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mixed: bf16 bf16 no" in proc.stdout  # the state's own field says no; the launch is bf16

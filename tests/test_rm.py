@@ -198,3 +198,29 @@ def test_reward_model_two_processes_match_one(tmp_path):
     assert n1["mean"] == pytest.approx(n2["mean"], abs=1e-4) and n1["std"] == pytest.approx(n2["std"], abs=1e-4)
     assert json.loads((tmp_path / "one" / "eval_results.json").read_text()) == pytest.approx(
         json.loads((tmp_path / "two" / "eval_results.json").read_text()), abs=1e-4)
+
+
+def test_held_out_scoring_runs_as_many_batches_on_every_process(monkeypatch):
+    """Under FSDP / ZeRO-3 each forward of the prepared reward model is a collective: a process with
+    a batch less than another would leave it waiting. 17 pairs, 2 processes, batches of 8: both run
+    2 batches (rank 1, with 8 pairs, scores a stand-in in its second), and only real pairs come back."""
+    import types
+
+    from prefgym.methods import common
+
+    pairs = [{"instruction": f"i{k}", "input": "", "output_1": "a", "output_2": "b"} for k in range(17)]
+    cfg = reward_model.RewardModelConfig(per_device_batch_size=8, max_length=32)
+    monkeypatch.setattr(common, "tokenize_prompt_response", lambda tok, prompts, responses, n: {
+        "input_ids": torch.ones(len(prompts), 4, dtype=torch.long),
+        "attention_mask": torch.ones(len(prompts), 4, dtype=torch.long)})
+    calls, scores = {0: 0, 1: 0}, {}
+    for rank in (0, 1):
+        def model(ids, mask, rank=rank):
+            calls[rank] += 1
+            return torch.zeros(ids.shape)
+
+        accelerator = types.SimpleNamespace(num_processes=2, process_index=rank, device="cpu")
+        scores[rank] = reward_model._raw_scores_sharded(accelerator, model, None, pairs, cfg, both=True,
+                                                        fmt=lambda p: p["instruction"])
+    assert calls == {0: 2, 1: 2}
+    assert len(scores[0]) == 2 * 9 and len(scores[1]) == 2 * 8  # output_1 then output_2 scores of its own pairs

@@ -838,6 +838,7 @@ def end_training(accelerator) -> None:
     if _process_group_kept:
         for tracker in accelerator.trackers:
             tracker.finish()
+        end_mixed_precision()  # one process only: a launcher's trainings share one setting
         return
     accelerator.end_training()
     end_process_group()

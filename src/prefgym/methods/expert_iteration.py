@@ -77,8 +77,9 @@ def train(cfg: ExpertIterationConfig) -> Path:
 
     # 1. Best-of-n outputs of the SFT policy. Several processes share the sampling and scoring
     #    (`best_of_n.run` writes on the main process; all return once the file is there).
-    make_accelerator(cfg, out)  # the process state `train_sft` uses next
-    run_best_of_n(best_of_n_config(cfg, chosen_file))
+    accelerator = make_accelerator(cfg, out)  # the process state `train_sft` uses next
+    with accelerator.autocast():  # sampled and scored as the training computes (mixed_precision)
+        run_best_of_n(best_of_n_config(cfg, chosen_file))
 
     # 2. SFT of the SFT model on them.
     records = [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]}

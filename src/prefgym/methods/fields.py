@@ -140,8 +140,16 @@ def check_mixed_precision(mixed_precision: str, dtype: str) -> None:
         raise ConfigError(f"key 'mixed_precision' should be one of {', '.join(MIXED_PRECISIONS)}, "
                           f"got {mixed_precision!r}")
     refused = {"fp16": ("float16", "bfloat16"), "bf16": ("float16",), "no": ()}[mixed_precision]
-    if dtype in refused:
-        raise ConfigError(f"key 'mixed_precision': {mixed_precision} with dtype {dtype} weights does not train; "
+    if not refused:
+        return
+    weights = dtype
+    if dtype == "auto":  # bfloat16 where the device computes in it (an Ampere GPU, a CPU with AMX), else float32
+        from prefgym.models.loading import auto_dtype
+
+        weights = str(auto_dtype()).removeprefix("torch.")
+    if weights in refused:
+        shown = dtype if weights == dtype else f"{dtype} ({weights} here)"
+        raise ConfigError(f"key 'mixed_precision': {mixed_precision} with dtype {shown} weights does not train; "
                           f"load the weights in float32 (dtype=float32) for {mixed_precision} mixed precision")
 
 
@@ -156,11 +164,10 @@ def make_accelerator(cfg, output_dir: str | Path, **extra):
     `accelerator.autocast()`, as `prepare` puts the trained model's forward."""
     import torch
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
     mixed = cfg.mixed_precision if cfg.mixed_precision != "no" else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     n_proc = int(os.environ.get("WORLD_SIZE", "1"))
-    current = AcceleratorState._shared_state.get("_mixed_precision", mixed)
+    current = _current_mixed_precision(default=mixed)
     if current != mixed:
         if n_proc > 1:
             raise ConfigError(f"key 'mixed_precision': {mixed} in a launch that already trained with {current}; "
@@ -175,11 +182,20 @@ def make_accelerator(cfg, output_dir: str | Path, **extra):
 def end_mixed_precision() -> None:
     """After a one-process training: Accelerate's process-wide mixed precision back to unset, so that
     what runs next in the process (another training, a bare Accelerator) does not inherit it."""
+    one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if one_process and _current_mixed_precision(default="no") != "no":
+        _reset_accelerate()
+
+
+def _current_mixed_precision(default: str) -> str:
+    """The mixed precision of the Accelerate state this process holds (`default` before any
+    Accelerator): under DeepSpeed the state keeps "no" and the setting lives in the DeepSpeed config,
+    which `AcceleratorState.mixed_precision` reads."""
     from accelerate.state import AcceleratorState
 
-    one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    if one_process and AcceleratorState._shared_state.get("_mixed_precision", "no") != "no":
-        _reset_accelerate()
+    if "_mixed_precision" not in AcceleratorState._shared_state:
+        return default
+    return AcceleratorState().mixed_precision
 
 
 def _reset_accelerate() -> None:

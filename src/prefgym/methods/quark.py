@@ -319,8 +319,6 @@ def train(cfg: QuarkConfig) -> Path:
             token = tokens[0] if it > 0 and not cfg.train_on_best_quantile else ""
             rollout_prompts = [fmt(r) for r in with_control_token(batch, token)]
             rollout_sampling = dataclasses.replace(sampling, seed=stable_hash(cfg.seed, "quark-rollout", it, 0))
-            if engine is not None:  # the vLLM engine, once it holds the policy's weights as the last iteration left them
-                engine.update_weights(full_weights(accelerator.unwrap_model(policy)))
 
             def rollout(first: int) -> list[dict]:
                 """The scored samples of the generation batch that starts at rollout prompt `first`."""
@@ -340,6 +338,8 @@ def train(cfg: QuarkConfig) -> Path:
             # 2. One pool for all processes: every process gets every batch's samples, in batch order.
             #    ZeRO-3: on the whole policy, gathered once by every process (a last round may leave some idle).
             with zero3.gathered(policy):
+                if engine is not None:  # the vLLM engine, once it holds the policy's weights as the last iteration left them
+                    engine.update_weights(full_weights(accelerator.unwrap_model(policy)))
                 new = [row for rows in map_sharded(rollout, range(0, len(batch), sampling.batch_size)) for row in rows]
             if cfg.clear_pool_each_iteration:
                 pool = []
@@ -413,7 +413,8 @@ def _rollout_engine(cfg: QuarkConfig, policy, tokenizer, folder: Path):
 
     if vllm_engine.resolve_engine(cfg.engine) != "vllm":
         return None
-    policy.save_pretrained(folder)
+    with zero3.gathered(policy):  # ZeRO-3: the folder gets the whole weights, not the partitions
+        policy.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     vllm_engine.release_engine()  # the folder was just rewritten: no engine kept from an earlier run of it
     return vllm_engine.kept_rollout_engine(folder, policy.dtype, cfg.seed, cfg.vllm_gpu_memory_utilization,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -329,14 +330,18 @@ def _ensemble_eval(cfg: RewardModelConfig, members: list[Path], records: list[di
 @torch.no_grad()
 def _raw_scores_sharded(accelerator, model, tokenizer, pairs: list[dict], cfg, both: bool, fmt=format_record
                         ) -> np.ndarray:
-    """Unnormalised rewards of output_1 (then output_2 if `both`), computed in shards across processes."""
+    """Unnormalised rewards of output_1 (then output_2 if `both`), computed in shards across processes.
+
+    Every process runs as many batches: under FSDP and ZeRO-3 each forward of the prepared model
+    gathers its weights from all processes, so one with a batch less would leave the others waiting;
+    a process out of pairs scores a stand-in (the first pair) and drops its score."""
     from accelerate.utils import gather_object
 
     n_proc, rank = accelerator.num_processes, accelerator.process_index
     mine = list(range(rank, len(pairs), n_proc))
     results = []
-    for s in range(0, len(mine), cfg.per_device_batch_size):
-        chunk = [pairs[i] for i in mine[s:s + cfg.per_device_batch_size]]
+    for s in range(0, math.ceil(len(pairs) / n_proc), cfg.per_device_batch_size):
+        chunk = [pairs[i] for i in mine[s:s + cfg.per_device_batch_size]] or pairs[:1]
         prompts = [fmt(p) for p in chunk]
         outputs = [p["output_1"] for p in chunk] + ([p["output_2"] for p in chunk] if both else [])
         batch = common.tokenize_prompt_response(tokenizer, prompts * (2 if both else 1), outputs, cfg.max_length)
