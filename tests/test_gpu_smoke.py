@@ -64,7 +64,7 @@ def test_shipped_accelerate_configs_load_with_accelerates_own_loader():
 
     folder = SCRIPT.parents[1] / "configs" / "accelerate"
     expected = {"ddp": (DistributedType.MULTI_GPU, None), "fsdp": (DistributedType.FSDP, None),
-                "deepspeed_zero2": (DistributedType.DEEPSPEED, 2)}
+                "deepspeed_zero2": (DistributedType.DEEPSPEED, 2), "deepspeed_zero3": (DistributedType.DEEPSPEED, 3)}
     assert sorted(p.stem for p in folder.glob("*.yaml")) == sorted(expected)
     for name, (kind, zero) in expected.items():
         cfg = load_config_from_file(str(folder / f"{name}.yaml"))
@@ -72,3 +72,5 @@ def test_shipped_accelerate_configs_load_with_accelerates_own_loader():
         if zero is not None:
             assert cfg.deepspeed_config["zero_stage"] == zero
     assert load_config_from_file(str(folder / "fsdp.yaml")).fsdp_config["fsdp_version"] == 2
+    zero3 = load_config_from_file(str(folder / "deepspeed_zero3.yaml")).deepspeed_config
+    assert zero3["zero3_init_flag"] is True and zero3["zero3_save_16bit_model"] is True  # partitioned load, whole save
