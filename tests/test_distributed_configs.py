@@ -344,6 +344,93 @@ def test_zero3_helpers_leave_unpartitioned_models_as_they_are_and_read_a_partiti
     assert zero3.is_partitioned(model) and [zero3.full_ndim(p) for p in model.parameters()] == [2, 1, 1, 1]
 
 
+@pytest.mark.parametrize("config, dtype", [
+    ({}, None), ({"bf16": {"enabled": True}}, torch.bfloat16), ({"bf16": {"enabled": "true"}}, torch.bfloat16),
+    ({"bfloat16": {"enabled": True}}, torch.bfloat16), ({"fp16": {"enabled": True, "auto_cast": True}}, torch.float16),
+    ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, torch.float16), ({"bf16": {"enabled": "auto"}}, None),
+    ({"bf16": {"enabled": False}, "fp16": {"enabled": "false"}}, None)])
+def test_the_engine_dtype_is_read_from_the_deepspeed_config_as_deepspeed_reads_it(config, dtype):
+    """fp16 before bf16 (the engine's order), `bfloat16` as bf16's old key, "true" as Accelerate writes it."""
+    from prefgym.methods import zero3
+
+    assert zero3.config_dtype(config) == dtype
+
+
+def _fake_state(monkeypatch, plugin) -> None:
+    """An initialised Accelerate state holding `plugin` (None: not DeepSpeed), for `zero3.engine_dtype`."""
+    import types
+
+    import accelerate.state
+
+    monkeypatch.setattr(accelerate.state, "is_initialized", lambda: True)
+    monkeypatch.setattr(accelerate.state, "AcceleratorState", lambda: types.SimpleNamespace(deepspeed_plugin=plugin))
+
+
+@pytest.mark.parametrize("mixed, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("no", None)])
+def test_the_engine_dtype_follows_the_launchers_mixed_precision_under_deepspeed_only(zero2_env, mixed, dtype):
+    """The plugin as Accelerate fills it from `--mixed_precision` (`set_mixed_precision`); no state or
+    a state without DeepSpeed: None."""
+    import accelerate.state
+    from accelerate.utils import DeepSpeedPlugin
+
+    from prefgym.methods import zero3
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(accelerate.state, "is_initialized", lambda: False)
+        assert zero3.engine_dtype() is None
+    plugin = DeepSpeedPlugin()
+    plugin.set_mixed_precision(mixed)
+    _fake_state(zero2_env, plugin)
+    assert zero3.engine_dtype() == dtype
+    _fake_state(zero2_env, None)
+    assert zero3.engine_dtype() is None
+
+
+def test_cast_parameters_casts_floating_parameters_only_as_deepspeeds_engine_does():
+    """Buffers (rotary `inv_freq`) stay float32, ZeRO-3 partitions and integer parameters as they are."""
+    from prefgym.methods import zero3
+
+    model = _tiny("llama")
+    model.register_parameter("counts", torch.nn.Parameter(torch.zeros(2, dtype=torch.long), requires_grad=False))
+    shard = model.lm_head.weight
+    shard.ds_id = 0  # what zero.Init leaves (already in the engine's dtype)
+    kept = shard.detach().clone()
+    buffers = dict(model.named_buffers())
+    assert any("inv_freq" in name for name in buffers)
+    zero3.cast_parameters(model, torch.bfloat16)
+    for name, p in model.named_parameters():
+        want = torch.long if name == "counts" else torch.float32 if p is shard else torch.bfloat16
+        assert p.dtype == want, name
+    assert torch.equal(shard, kept)
+    assert all(b.dtype == torch.float32 and b is buffers[n] for n, b in model.named_buffers())
+
+
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trained"])
+def test_under_deepspeed_bf16_every_model_loads_with_the_engines_parameter_dtype(zero2_env, tmp_path, trainable):
+    """`load_policy` / `load_score_model` (the reference, the reward models; the trained model, which
+    DPO's and KTO's reference pre-pass reads before `prepare`): bf16 parameters, float32 buffers,
+    the float32 weights rounded once; without DeepSpeed float32 as loaded."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    from prefgym.methods.fields import ModelFields
+    from prefgym.models.loading import load_policy, load_score_model
+    from prefgym.models.tiny import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint(tmp_path / "policy", "llama")
+    plain = load_policy(folder, ModelFields(), trainable=trainable)
+    assert {p.dtype for p in plain.parameters()} == {torch.float32}
+    plugin = DeepSpeedPlugin()
+    plugin.set_mixed_precision("bf16")
+    _fake_state(zero2_env, plugin)
+    for load in (load_policy, load_score_model):
+        model = load(folder, ModelFields(), trainable=trainable)
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}, load.__name__
+        assert {b.dtype for b in model.buffers()} == {torch.float32}, load.__name__
+    want = {k: v.to(torch.bfloat16) for k, v in plain.state_dict().items() if v.is_floating_point()}
+    got = load_policy(folder, ModelFields(), trainable=trainable).state_dict()
+    assert all(torch.equal(got[k], v) for k, v in want.items() if k in dict(plain.named_parameters()))
+
+
 def test_no_sync_unless_ends_an_accumulation_only_on_the_last_micro_batch_under_deepspeed():
     """DeepSpeed's engine steps inside `accelerator.backward` whenever sync_gradients is set."""
     import types
@@ -392,9 +479,11 @@ METHOD_SCRIPT = textwrap.dedent("""
     generation.generate_with_eos = spied(generation.generate_with_eos)  # Quark's sampler
     method, root, out = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     method, lora = method.removesuffix("-lora"), dict(use_lora=method.endswith("-lora"))  # "ppo-lora": LoRA
+    method, reference = method.removesuffix("-reference"), method.endswith("-reference")  # "dpo-reference"
     ckpt = dict(save_steps=int(os.environ["SAVE_STEPS"])) if "SAVE_STEPS" in os.environ else dict()
     policy, rm, pairs, prompts = str(root / "policy"), str(root / "rm"), str(root / "pairs.jsonl"), str(root / "prompts.jsonl")
-    pref = dict(model_name_or_path=policy, preference_file=pairs, per_device_batch_size=2, grad_accum=2, epochs=1,
+    batch = int(os.environ.get("PER_DEVICE_BATCH_SIZE", "2"))
+    pref = dict(model_name_or_path=policy, preference_file=pairs, per_device_batch_size=batch, grad_accum=2, epochs=1,
                 lr=1e-2, max_length=64, output_dir=out, **lora)
     rl = dict(policy_model=policy, reward_model=rm, prompt_file=prompts, steps=2, lr=1e-2, max_new_tokens=4,
               max_prompt_length=48, missing_eos_penalty=None, output_dir=out, **lora, **ckpt)
@@ -412,7 +501,8 @@ METHOD_SCRIPT = textwrap.dedent("""
         reward_model.train_ensemble(reward_model.RewardModelConfig(eval_fraction=0.25, ensemble_size=2, **pref))
     elif method in ("dpo", "simpo", "kto"):
         module = dict(dpo=dpo, simpo=simpo, kto=kto)[method]
-        module.train(dict(dpo=dpo.DPOConfig, simpo=simpo.SimPOConfig, kto=kto.KTOConfig)[method](**pref))
+        extra = dict(reference_model=policy) if reference else dict()  # a frozen reference, loaded whole
+        module.train(dict(dpo=dpo.DPOConfig, simpo=simpo.SimPOConfig, kto=kto.KTOConfig)[method](**pref, **extra))
     elif method == "ppo":
         ppo.train(ppo.PPOConfig(per_device_rollout_batch_size=4, num_mini_batches=2, **rl))
     elif method in ("rloo", "grpo"):
@@ -620,6 +710,33 @@ def test_under_zero3_the_trained_model_loads_partitioned_the_frozen_whole_and_ro
     assert r["full"] > 0 and r["policy"] == 0 and r["frozen"] == r["full"]
     assert r["inside"] == r["after_generate"] == r["full"] and r["outside"] == 0
     assert r["same_samples"] and r["trained"]
+
+
+@needs_deepspeed
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, method", [(2, "dpo"), (2, "ppo"), (2, "rloo"), (3, "dpo-reference"), (3, "ppo"),
+                                           (3, "ppo-lora")])
+def test_under_deepspeed_bf16_the_frozen_models_compute_as_the_engine_so_step_1_is_exactly_the_reference(
+        ds_root, zero3_strict, tmp_path, stage, method):
+    """`--mixed_precision bf16`: DeepSpeed trains bf16 parameters (its `autocast` is a no-op), so the
+    reference, the reward model and DPO's pre-pass on the policy load with bf16 parameters too
+    (`zero3.to_engine_dtype`): DPO's step-1 implicit rewards (the policy as its own reference, or a
+    `reference_model`) and PPO's / RLOO's step-1 KL are exactly 0 (float32 references gave ~1e-4).
+    PPO with LoRA under ZeRO-3: its adapters and value head in bf16 too (`prepare` there casts
+    nothing and refuses trainable partitions of two dtypes)."""
+    import json
+
+    from helpers import run_process
+
+    config = zero3_strict if stage == 3 else CONFIGS / "deepspeed_zero2.yaml"
+    launch = _ds_launch(config, str(ds_root / "run_method.py"), method, str(ds_root), str(tmp_path))
+    launch[launch.index("--mixed_precision") + 1] = "bf16"
+    # DPO: one pair per micro-batch, so the training forward pads each pair as the reference pre-pass
+    # did (pairs batched with other partners are padded otherwise: last-bit differences, 1e-6 in fp32)
+    run_process(launch, env={**_env(), "PER_DEVICE_BATCH_SIZE": "1"}, timeout=600, check=True)
+    step1 = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    keys = {"dpo": ["rewards/chosen", "rewards/rejected"], "ppo": ["kl", "kl_k3"], "rloo": ["kl"]}[method.split("-")[0]]
+    assert step1["step"] == 1 and {k: step1[k] for k in keys} == dict.fromkeys(keys, 0.0), step1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -112,6 +112,26 @@ def test_smollm2_bf16_lora_and_checkpointing(smollm2_arch):
     test_archs.test_bf16_with_lora_and_gradient_checkpointing(smollm2_arch)
 
 
+@pytest.mark.parametrize("precision", [dict(dtype="bfloat16"), dict(dtype="float32", mixed_precision="bf16")],
+                         ids=["bf16", "mixed-bf16"])
+def test_smollm2_ppo_step_one_kl_is_exactly_zero_in_bf16(smollm2_arch, precision, tmp_path):
+    """In bf16 a row's log-probs depend on the batch it is computed in (on SmolLM2, not on the tiny
+    models): the reference must see the rollout's row groups (the first update's minibatch, then the
+    rest), or at step 1, where the policy is its reference, the KL is bf16 noise instead of 0."""
+    import json
+
+    from prefgym.io import read_records
+    from prefgym.methods import ppo
+
+    _, root, folder, rm = smollm2_arch
+    out = ppo.train(ppo.PPOConfig(policy_model=str(folder), reward_model=str(rm), output_dir=str(tmp_path / "ppo"),
+                                  steps=1, per_device_rollout_batch_size=4, num_mini_batches=2, ppo_epochs=1,
+                                  max_new_tokens=6, use_lora=True, lora_r=4, **precision),
+                    prompts=read_records(root / "prompts.jsonl")[:4])
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["kl"] == 0.0
+
+
 def test_smollm2_generates_with_its_chat_template_and_is_judged(smollm2_folder, tiny_world, tmp_path):
     """Generate on world instructions (chat template), judge against the world's reference,
     and compute the win-rate and the gold win-rate: the evaluation path on a real model."""

@@ -160,6 +160,16 @@ def response_logps_and_values(model, ids: torch.Tensor, mask: torch.Tensor, P: i
     return logps, values[:, P - 1:-1], logits
 
 
+def rollout_row_groups(first: torch.Tensor, B: int) -> list[torch.Tensor]:
+    """The rows of a rollout batch of B as its forward passes take them: the first update's
+    minibatch `first`, then the other rows in order (none when `first` is all of them). The
+    reference runs on the same groups: in bf16 a row's log-probs depend on the batch it is
+    computed in, and at step 1 the policy's and the reference's must be equal."""
+    rest = torch.ones(B, dtype=torch.bool, device=first.device)
+    rest[first] = False
+    return [first] + ([rest.nonzero().squeeze(1)] if rest.any() else [])
+
+
 def rollout_logps_and_values(model, ids: torch.Tensor, mask: torch.Tensor, P: int, temperature: float,
                              first: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """`response_logps_and_values` of a whole rollout batch, plus per-token entropies, with the
@@ -171,14 +181,12 @@ def rollout_logps_and_values(model, ids: torch.Tensor, mask: torch.Tensor, P: in
     values) of rows `first`, attached to the graph.
     """
     B, R = ids.shape[0], ids.shape[1] - P
-    rest = torch.ones(B, dtype=torch.bool, device=ids.device)
-    rest[first] = False
+    first, *rest = rollout_row_groups(first, B)
     kept_logps, kept_values, logits = response_logps_and_values(model, ids[first], mask[first], P, temperature)
     with torch.no_grad():
         out = [torch.zeros(B, R, device=ids.device) for _ in range(3)]
         parts = [(first, (kept_logps, kept_values, logits))]
-        if rest.any():
-            parts.append((rest, response_logps_and_values(model, ids[rest], mask[rest], P, temperature)))
+        parts += [(rows, response_logps_and_values(model, ids[rows], mask[rows], P, temperature)) for rows in rest]
         for rows, (logps, values, logits) in parts:
             for o, x in zip(out, (logps, values, common.token_entropy(logits.detach(), temperature)[:, 1:])):
                 o[rows] = x.detach().to(o.dtype)
@@ -335,7 +343,9 @@ def _load_models(cfg: PPOConfig):
     for m in (policy, value_model, reference, scorer.model):
         if m is not None and cfg.disable_dropout:
             common.disable_dropout(m)
-    return tokenizer, PolicyAndValue(policy, value_model), reference, scorer
+    # DeepSpeed bf16/fp16: LoRA's adapters (fp32 on a bf16 base) and the value head's copy in the engine's
+    # dtype, as ZeRO-2 casts them at `prepare`; ZeRO-3 casts nothing there and needs one dtype for all
+    return tokenizer, zero3.to_engine_dtype(PolicyAndValue(policy, value_model)), reference, scorer
 
 
 def _lora_value_model(member, cfg: PPOConfig):
@@ -471,8 +481,10 @@ def train(cfg: PPOConfig, prompts: list[dict] | None = None) -> Path:
                 model, ids, mask, P, cfg.temperature, first)
             with torch.no_grad():
                 with accelerator.autocast():
-                    ref_logps = _reference_logps(reference, unwrapped.policy, ids, mask, F.pad(response_mask, (P, 0)),
-                                                 cfg.temperature)[:, P:]
+                    ref_logps = torch.zeros_like(logps)
+                    for group in rollout_row_groups(first, B):  # as the policy's passes took them
+                        ref_logps[group] = _reference_logps(reference, unwrapped.policy, ids[group], mask[group],
+                                                            F.pad(response_mask[group], (P, 0)), cfg.temperature)[:, P:]
                     raw_score = _reward_scores(scorer, unwrapped.value_model if cfg.use_lora else None, ids, mask)
                 entropy = common.masked_mean(token_entropy, response_mask)
 

@@ -1,4 +1,7 @@
-"""DeepSpeed ZeRO stage 3 in prefgym's training loops (configs/accelerate/deepspeed_zero3.yaml).
+"""DeepSpeed in prefgym's training loops: ZeRO stage 3 (configs/accelerate/deepspeed_zero3.yaml),
+and the dtype every model computes in under DeepSpeed's bf16 / fp16 (`engine_dtype`,
+`to_engine_dtype`: the engine casts the parameters of the model it trains, and Accelerate's
+`autocast` does nothing, so the models loaded beside it get the same cast at load).
 
 Under ZeRO-3 each process holds 1/N of every parameter of the model `accelerator.prepare` gets,
 and DeepSpeed's module hooks gather each layer's weights for its forward and free them after.
@@ -96,6 +99,50 @@ def _lift_hooks(offload) -> None:
     for hook in offload.forward_hooks + offload.backward_hooks:
         hook.remove()
     offload.forward_hooks, offload.backward_hooks = [], []
+
+
+def engine_dtype():
+    """The dtype DeepSpeed computes in for this launch: bfloat16 / float16 when the current
+    Accelerate state is a DeepSpeed one whose config enables bf16 / fp16 (`--mixed_precision` fills
+    it); None otherwise, and when no Accelerator has been made."""
+    from accelerate.state import AcceleratorState, is_initialized
+
+    plugin = AcceleratorState().deepspeed_plugin if is_initialized() else None
+    return None if plugin is None else config_dtype(plugin.deepspeed_config)
+
+
+def config_dtype(ds_config: dict):
+    """The parameter dtype a DeepSpeed config gives the model it trains: fp16 first, then bf16 (or
+    its old key `bfloat16`), as DeepSpeed's engine reads them; None for float32 (an "auto" not yet
+    filled counts as off)."""
+    import torch
+
+    def enabled(*keys):
+        return any(str(ds_config.get(k, {}).get("enabled", False)).lower() == "true" for k in keys)
+
+    return torch.float16 if enabled("fp16") else torch.bfloat16 if enabled("bf16", "bfloat16") else None
+
+
+def to_engine_dtype(model):
+    """`model` with its floating parameters in `engine_dtype()` (nothing done when None).
+
+    Under DeepSpeed bf16/fp16, `accelerator.autocast()` does nothing and the engine casts the
+    parameters of the model it prepares, not its buffers (engine.py `_cast_module_mixed_precision`:
+    a rotary `inv_freq` stays float32). Models that are never prepared (reference, reward models)
+    get the same cast at load, and so does the trained model before `prepare` (which would cast it
+    anyway) for DPO's and KTO's reference pre-pass: at step 1 policy and reference then compute
+    alike. ZeRO-3 partitions (zero.Init) are already in that dtype and are left alone."""
+    dtype = engine_dtype()
+    if dtype is not None:
+        cast_parameters(model, dtype)
+    return model
+
+
+def cast_parameters(model, dtype) -> None:
+    """Cast `model`'s floating parameters (not ZeRO-3 partitions, not buffers) to `dtype` in place."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype and not hasattr(p, "ds_id"):
+            p.data = p.data.to(dtype)
 
 
 def full_ndim(param) -> int:

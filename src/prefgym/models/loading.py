@@ -69,7 +69,7 @@ def load_score_model(path: str | os.PathLike, cfg, num_labels: int | None = 1, t
 
 
 def _load(auto_class, path, cfg, trainable: bool, **extra):
-    from prefgym.methods.zero3 import whole_weights
+    from prefgym.methods.zero3 import to_engine_dtype, whole_weights
 
     check_model_folder(path)
     try:  # a frozen model loads whole under DeepSpeed ZeRO-3: no `prepare` would gather its weights
@@ -78,6 +78,7 @@ def _load(auto_class, path, cfg, trainable: bool, **extra):
     except (OSError, ValueError, ImportError) as e:  # a missing folder, an unknown attn_implementation, no flash-attn
         raise ConfigError(f"could not load {path} (dtype={getattr(cfg, 'dtype', None)}, "
                           f"attn_implementation={getattr(cfg, 'attn_implementation', None)}): {str(e)[:300]}") from None
+    to_engine_dtype(model)  # under DeepSpeed bf16/fp16: its parameters in the dtype the engine computes in
     if trainable:  # from_pretrained returns eval mode, where checkpointing (and dropout, if kept) never run
         model.train()
         if getattr(cfg, "gradient_checkpointing", False):
@@ -126,7 +127,7 @@ def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype |
     """
     from transformers import AutoModelForCausalLM
 
-    from prefgym.methods.zero3 import whole_weights
+    from prefgym.methods.zero3 import to_engine_dtype, whole_weights
 
     check_model_folder(path)
     tokenizer = load_tokenizer(path, padding_side=padding_side)
@@ -139,6 +140,7 @@ def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype |
                                                              **model_kwargs)
         except OSError as e:
             raise ConfigError(f"could not load a causal LM from {path}: {e}") from None
+        to_engine_dtype(model)  # a frozen model, as `_load` casts one
     if "device_map" not in model_kwargs:  # with a device_map, Accelerate has placed the weights
         model.to(resolve_device(device))
     model.config.pad_token_id = tokenizer.pad_token_id
