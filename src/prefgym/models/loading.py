@@ -68,17 +68,24 @@ def load_score_model(path: str | os.PathLike, cfg, num_labels: int | None = 1, t
     return _load(AutoModelForSequenceClassification, path, cfg, trainable, **extra)
 
 
-def _load(auto_class, path, cfg, trainable: bool, **extra):
+def _from_pretrained(auto_class, path, frozen: bool, **kwargs):
+    """`auto_class.from_pretrained(path, **kwargs)`, loaded whole under DeepSpeed ZeRO-3 when `frozen`
+    (no `prepare` would gather its weights), its parameters in the dtype a DeepSpeed bf16 / fp16
+    engine computes in (`zero3.to_engine_dtype`)."""
     from prefgym.methods.zero3 import to_engine_dtype, whole_weights
 
+    with whole_weights() if frozen else contextlib.nullcontext():
+        model = auto_class.from_pretrained(str(path), **kwargs)
+    return to_engine_dtype(model)
+
+
+def _load(auto_class, path, cfg, trainable: bool, **extra):
     check_model_folder(path)
-    try:  # a frozen model loads whole under DeepSpeed ZeRO-3: no `prepare` would gather its weights
-        with whole_weights() if not trainable else contextlib.nullcontext():
-            model = auto_class.from_pretrained(str(path), **model_kwargs(cfg), **extra)
+    try:
+        model = _from_pretrained(auto_class, path, frozen=not trainable, **model_kwargs(cfg), **extra)
     except (OSError, ValueError, ImportError) as e:  # a missing folder, an unknown attn_implementation, no flash-attn
         raise ConfigError(f"could not load {path} (dtype={getattr(cfg, 'dtype', None)}, "
                           f"attn_implementation={getattr(cfg, 'attn_implementation', None)}): {str(e)[:300]}") from None
-    to_engine_dtype(model)  # under DeepSpeed bf16/fp16: its parameters in the dtype the engine computes in
     if trainable:  # from_pretrained returns eval mode, where checkpointing (and dropout, if kept) never run
         model.train()
         if getattr(cfg, "gradient_checkpointing", False):
@@ -127,20 +134,16 @@ def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype |
     """
     from transformers import AutoModelForCausalLM
 
-    from prefgym.methods.zero3 import to_engine_dtype, whole_weights
-
     check_model_folder(path)
     tokenizer = load_tokenizer(path, padding_side=padding_side)
     if cfg is not None:
         model = load_policy(path, cfg, trainable=trainable)
     else:
-        try:
-            with whole_weights():  # a model for generation or scoring: whole under DeepSpeed ZeRO-3
-                model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype) or torch.float32,
-                                                             **model_kwargs)
+        try:  # a model for generation or scoring: frozen
+            model = _from_pretrained(AutoModelForCausalLM, path, frozen=True,
+                                     dtype=resolve_dtype(dtype) or torch.float32, **model_kwargs)
         except OSError as e:
             raise ConfigError(f"could not load a causal LM from {path}: {e}") from None
-        to_engine_dtype(model)  # a frozen model, as `_load` casts one
     if "device_map" not in model_kwargs:  # with a device_map, Accelerate has placed the weights
         model.to(resolve_device(device))
     model.config.pad_token_id = tokenizer.pad_token_id
