@@ -214,6 +214,18 @@ def _pair_batch(tokenizer, examples, max_length: int, device) -> list[torch.Tens
 
 
 @torch.no_grad()
+def reference_pass(accelerator, model, tokenizer, examples, cfg) -> torch.Tensor:
+    """`_reference_logps` of the reference: `cfg.reference_model` when set (loaded here, dropped
+    after), else `model`, the policy before training. Under ZeRO-3 the policy as loaded is
+    partitioned and not yet prepared: the pass reads its gathered weights."""
+    from prefgym.models.loading import load_policy
+
+    ref_model = model if not cfg.reference_model else PairLogps(load_policy(
+        cfg.reference_model, cfg, trainable=False)).to(accelerator.device)
+    with zero3.gathered(ref_model):
+        return _reference_logps(accelerator, ref_model, tokenizer, examples, cfg)
+
+
 def _reference_logps(accelerator, model, tokenizer, examples, cfg: DPOConfig) -> torch.Tensor:
     """(N, 2) reference log-probs of (chosen, rejected), computed in shards across processes."""
     from accelerate.utils import gather_object
@@ -292,11 +304,7 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
     if cfg.resume and ref_file.exists():
         ref_logps = torch.load(ref_file)
     else:
-        ref_model = model if not cfg.reference_model else PairLogps(load_policy(
-            cfg.reference_model, cfg, trainable=False)).to(accelerator.device)
-        with zero3.gathered(ref_model):  # the policy as loaded under ZeRO-3 is partitioned, not yet prepared
-            ref_logps = _reference_logps(accelerator, ref_model, tokenizer, examples, cfg)
-        del ref_model
+        ref_logps = reference_pass(accelerator, model, tokenizer, examples, cfg)
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             with atomic_path(ref_file) as tmp:

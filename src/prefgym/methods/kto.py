@@ -36,8 +36,8 @@ from prefgym.data.preferences import annotated_pairs
 from prefgym.data.prompts import format_record, make_prompt_formatter
 from prefgym.errors import ConfigError, DataError
 from prefgym.io import atomic_path
-from prefgym.methods import common, fields, zero3
-from prefgym.methods.dpo import PairLogps, _pair_batch, _reference_logps
+from prefgym.methods import common, fields
+from prefgym.methods.dpo import _pair_batch, reference_pass
 from prefgym.methods.simpo import load_pair_model, train_on_examples
 from prefgym.seeding import rng_for, seed_everything
 
@@ -175,17 +175,11 @@ def _check(cfg: KTOConfig) -> None:
 
 def _cached_reference_logps(cfg: KTOConfig, accelerator, model, tokenizer, examples, out: Path) -> torch.Tensor:
     """(N, 2) reference log-probs of (completion, mismatched completion), computed once and cached."""
-    from prefgym.models.loading import load_policy
-
     ref_file = out / "reference_logps.pt"
     if cfg.resume and ref_file.exists():
         ref_logps = torch.load(ref_file)
     else:
-        ref_model = model if not cfg.reference_model else PairLogps(load_policy(
-            cfg.reference_model, cfg, trainable=False)).to(accelerator.device)
-        with zero3.gathered(ref_model):  # the policy as loaded under ZeRO-3 is partitioned, not yet prepared
-            ref_logps = _reference_logps(accelerator, ref_model, tokenizer, examples, cfg)
-        del ref_model
+        ref_logps = reference_pass(accelerator, model, tokenizer, examples, cfg)
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             with atomic_path(ref_file) as tmp:
