@@ -296,7 +296,7 @@ DPO_SCRIPT = textwrap.dedent("""
     from prefgym.methods import common, dpo
     from test_prefdata_toy import toy_pairs
     cfg = dpo.DPOConfig(model_name_or_path={sft!r}, output_dir=sys.argv[1], beta=0.5, lr=3e-3, epochs=1,
-                        per_device_batch_size=int(sys.argv[2]), max_length=64, resume=False)
+                        per_device_batch_size=int(sys.argv[2]), max_length=64, resume=False, warmup_steps=3)
     dpo.train(cfg, records=toy_pairs(32, seed=3))
 """)
 
@@ -312,6 +312,9 @@ def test_dpo_two_processes_match_one(toy, tmp_path):
     m1 = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     m2 = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [round(m["loss"], 4) for m in m1] == [round(m["loss"], 4) for m in m2]
+    # one warmup on any number of processes (a scheduler passed to `accelerator.prepare` would step
+    # once per process: the warmup over after 2 steps on 2)
+    assert [m["lr"] for m in m2] == [m["lr"] for m in m1] == pytest.approx([3e-3 * min(1, k / 3) for k in (2, 3, 4, 5)])
 
 
 def test_dpo_cli_trains_and_rejects_unknown_keys(toy, tmp_path, capsys):
@@ -334,9 +337,9 @@ def test_dpo_resume_after_crash_equals_uninterrupted(toy, tmp_path, monkeypatch)
 
     def cfg(name):
         return dpo.DPOConfig(model_name_or_path=str(sft), output_dir=str(tmp_path / name), beta=0.5, lr=3e-3,
-                             epochs=2, per_device_batch_size=16, max_length=64, save_steps=3)
+                             epochs=2, per_device_batch_size=16, max_length=64, save_steps=3, warmup_steps=6)
 
-    full = dpo.train(cfg("full"), records=pairs)
+    full = dpo.train(cfg("full"), records=pairs)  # the warmup outlasts the checkpoint at step 3
     real_append = dpo.append_jsonl
 
     def crash_at_step_5(path, row):
@@ -352,5 +355,8 @@ def test_dpo_resume_after_crash_equals_uninterrupted(toy, tmp_path, monkeypatch)
     a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
-    steps = [json.loads(l)["step"] for l in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 9))
+    rows = [json.loads(l) for l in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    full_rows = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == [r["lr"] for r in full_rows] == pytest.approx(
+        [3e-3 * min(1, (k + 1) / 6) for k in range(1, 9)])

@@ -823,6 +823,25 @@ class CheckpointSchedule:
 _process_group_kept = False
 
 
+def warmup_schedule(accelerator, optimizer, warmup_steps: int):
+    """A learning-rate schedule linear from lr / warmup_steps up to lr over `warmup_steps` optimizer
+    steps, constant after; registered for checkpoints and stepped by `step_scheduler`.
+
+    Not passed to `accelerator.prepare`: Accelerate's wrapper steps a scheduler once per process at
+    each call, so on N processes the warmup would end N times as early.
+    """
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+    accelerator.register_for_checkpointing(scheduler)
+    return scheduler
+
+
+def step_scheduler(accelerator, scheduler) -> None:
+    """Advance a hand-stepped scheduler after an optimizer step, unless the fp16 loss scaler skipped
+    that step (inf/NaN gradients), as Accelerate's prepared schedulers do."""
+    if not accelerator.optimizer_step_was_skipped:
+        scheduler.step()
+
+
 def end_training(accelerator) -> None:
     """End Accelerate's training and destroy the process group explicitly: gloo left to
     interpreter shutdown can hang there (two CPU processes on a loaded machine). Inside

@@ -318,8 +318,8 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
     model.model = common.apply_lora(model.model, cfg, "CAUSAL_LM")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = common.warmup_schedule(accelerator, optimizer, cfg.warmup_steps)
     n_proc, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.per_device_batch_size * n_proc * cfg.grad_accum
     steps_per_epoch = len(examples) // global_batch
@@ -355,7 +355,7 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
                                           (chosen_r > rejected_r).float().mean(),
                                           (chosen_r - rejected_r).mean(), pc.mean().detach(), pr.mean().detach()]))
             optimizer.step()
-            scheduler.step()
+            common.step_scheduler(accelerator, scheduler)
             optimizer.zero_grad()
             step += 1
             s = accelerator.reduce(torch.stack(stats).mean(0), "mean").tolist()

@@ -220,8 +220,8 @@ def train(cfg: OnlineDPOConfig, prompts: list[dict] | None = None) -> Path:
         reference.to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = common.warmup_schedule(accelerator, optimizer, cfg.warmup_steps)
 
     ckpt_dir, start_round, step = out / "checkpoint", 0, 0
     if cfg.resume and (state := common.load_checkpoint(accelerator, ckpt_dir)):
@@ -263,7 +263,7 @@ def train(cfg: OnlineDPOConfig, prompts: list[dict] | None = None) -> Path:
                         cfg, device)
                     accelerator.backward(losses.mean())
                     optimizer.step()
-                    scheduler.step()
+                    common.step_scheduler(accelerator, scheduler)
                     optimizer.zero_grad()
                     step += 1
                     metrics = {"step": step, "round": r, "loss": losses.mean().item(),

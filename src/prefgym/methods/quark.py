@@ -287,9 +287,8 @@ def train(cfg: QuarkConfig) -> Path:
         common.disable_dropout(reference)
     scorer = load_reward_scorer(cfg.reward_model, device=accelerator.device, model_cfg=cfg)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # stepped by hand, once per optimizer step
+    scheduler = common.warmup_schedule(accelerator, optimizer, cfg.warmup_steps)
 
     ckpt_dir, metrics_file, pool_file = out / "checkpoint", out / "metrics.jsonl", out / POOL_FILE
     start, pool = 0, []
@@ -369,7 +368,7 @@ def train(cfg: QuarkConfig) -> Path:
                 if cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                common.step_scheduler(accelerator, scheduler)
                 optimizer.zero_grad(set_to_none=True)
 
             # 5. Metrics, then the checkpoint (pool file first: the checkpoint says how much of it counts).

@@ -169,8 +169,8 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
     model = common.TokenScorer(common.apply_lora(model, cfg, "SEQ_CLS"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = common.warmup_schedule(accelerator, optimizer, cfg.warmup_steps)
 
     n_proc, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.per_device_batch_size * n_proc * cfg.grad_accum
@@ -208,7 +208,7 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
                 losses.append(loss.detach())
                 hits += torch.tensor(accuracy_counts(s1.detach(), s2.detach(), target), dtype=torch.float)
             optimizer.step()
-            scheduler.step()
+            common.step_scheduler(accelerator, scheduler)
             optimizer.zero_grad()
             step += 1
             correct, decided = accelerator.reduce(hits.to(accelerator.device), "sum").tolist()

@@ -97,7 +97,8 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None, trainable_token
     from prefgym.models import collate, load_model_and_tokenizer, tokenize_example
     from prefgym.seeding import seed_everything, stable_hash
 
-    from prefgym.methods.common import CheckpointSchedule, check_output_dir, end_training, no_sync_unless
+    from prefgym.methods.common import (CheckpointSchedule, check_output_dir, end_training, no_sync_unless,
+                                        step_scheduler)
 
     out = Path(cfg.output_dir)
     state_file = out / "training_state.json"
@@ -154,8 +155,8 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None, trainable_token
     no_decay = [p for n, p in model.named_parameters() if zero3.full_ndim(p) < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    # The scheduler is stepped by hand once per optimizer step (not prepared: Accelerate would
-    # step it once per process).
+    # The scheduler is stepped by hand once per optimizer step (`step_scheduler`; not prepared:
+    # Accelerate would step it once per process).
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -200,7 +201,7 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None, trainable_token
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
-            scheduler.step()
+            step_scheduler(accelerator, scheduler)
             optimizer.zero_grad(set_to_none=True)
             loss = accelerator.reduce(loss_sum, "sum").item() / max(step_targets, 1)
             total_tokens += step_tokens

@@ -138,8 +138,8 @@ def train_on_examples(cfg, name: str, accelerator, model: PairLogps, tokenizer, 
     model.model = common.apply_lora(model.model, cfg, "CAUSAL_LM")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = common.warmup_schedule(accelerator, optimizer, cfg.warmup_steps)
     n_proc, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.per_device_batch_size * n_proc * cfg.grad_accum
     steps_per_epoch = n_examples // global_batch
@@ -170,7 +170,7 @@ def train_on_examples(cfg, name: str, accelerator, model: PairLogps, tokenizer, 
                     accelerator.backward(losses.mean() / cfg.grad_accum)
                 stats.append(torch.stack([losses.mean().detach(), *[v.detach().float() for v in micro_stats.values()]]))
             optimizer.step()
-            scheduler.step()
+            common.step_scheduler(accelerator, scheduler)
             optimizer.zero_grad()
             step += 1
             s = accelerator.reduce(torch.stack(stats).mean(0), "mean").tolist()

@@ -1,0 +1,59 @@
+"""The hand-stepped learning-rate schedules of the training loops (`common.warmup_schedule`,
+`common.step_scheduler`): one step per optimizer step, none when the loss scaler skips one."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from prefgym.methods import common
+
+
+def _prepared(lr: float = 1.0):
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu")  # the fp16 loss scaler, as on a GPU
+    model = torch.nn.Linear(4, 1)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=lr))
+    return accelerator, model, optimizer
+
+
+def test_warmup_is_linear_then_constant():
+    accelerator, model, optimizer = _prepared(lr=2.0)
+    scheduler = common.warmup_schedule(accelerator, optimizer, 4)
+    lrs = [scheduler.get_last_lr()[0]]
+    for _ in range(6):
+        accelerator.backward(model(torch.ones(2, 4)).sum())
+        optimizer.step()
+        common.step_scheduler(accelerator, scheduler)
+        optimizer.zero_grad()
+        lrs.append(scheduler.get_last_lr()[0])
+    assert lrs == pytest.approx([2.0 * min(1, (s + 1) / 4) for s in range(7)])
+
+
+def test_a_step_the_loss_scaler_skips_does_not_advance_the_schedule():
+    accelerator, model, optimizer = _prepared()
+    scheduler = common.warmup_schedule(accelerator, optimizer, 4)
+    skipped, lrs = [], []
+    for i in range(4):
+        loss = model(torch.ones(2, 4)).sum() * (float("inf") if i == 1 else 1.0)  # step 2 overflows
+        accelerator.backward(loss)
+        optimizer.step()
+        common.step_scheduler(accelerator, scheduler)
+        optimizer.zero_grad()
+        skipped.append(accelerator.optimizer_step_was_skipped)
+        lrs.append(scheduler.get_last_lr()[0])
+    assert skipped == [False, True, False, False]
+    assert lrs == pytest.approx([0.5, 0.5, 0.75, 1.0])
+
+
+def test_the_schedule_is_saved_with_the_checkpoint(tmp_path):
+    accelerator, model, optimizer = _prepared()
+    scheduler = common.warmup_schedule(accelerator, optimizer, 10)
+    for _ in range(3):
+        accelerator.backward(model(torch.ones(2, 4)).sum())
+        optimizer.step()
+        common.step_scheduler(accelerator, scheduler)
+    accelerator.save_state(str(tmp_path / "ckpt"))
+    again, _, optimizer2 = _prepared()
+    restored = common.warmup_schedule(again, optimizer2, 10)
+    again.load_state(str(tmp_path / "ckpt"))
+    assert restored.last_epoch == 3 and restored.get_last_lr() == pytest.approx([0.4])
