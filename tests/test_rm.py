@@ -68,6 +68,9 @@ def test_scores_are_normalised_on_sft_samples(trained_rm):
     scores = reward_model.score(path, records, batch_size=32)
     assert scores.shape == (len(records),)
     assert abs(scores.mean()) < 1e-3 and abs(scores.std() - 1) < 1e-3
+    recorded = json.loads((path / "reward_normalization.json").read_text())
+    assert recorded["n_samples"] == len(records)  # the distinct outputs the statistics came from
+    assert (recorded["dtype"], recorded["mixed_precision"]) == ("float32", "no")
     good = reward_model.score(path, [{"instruction": "Say something about cats", "input": "", "output": "good good good"},
                                      {"instruction": "Say something about cats", "input": "", "output": "bad bad bad"}])
     assert good[0] > good[1]

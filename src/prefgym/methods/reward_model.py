@@ -237,21 +237,23 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
                                                              torch.tensor(eval_targets)))
 
     # 5. Normalise on the SFT policy's samples: every distinct output in the preference data.
-    normalization = {"mean": 0.0, "std": 1.0}
+    normalization, n_scored = {"mean": 0.0, "std": 1.0}, 0
     if cfg.normalize:
         samples = {(p["instruction"], p.get("input", "") or "", p[f"output_{j}"]) for p in pairs for j in (1, 2)}
         samples = sorted(samples)
         raw = _raw_scores_sharded(accelerator, model, tokenizer,
                                   [{"instruction": a, "input": b, "output_1": c} for a, b, c in samples],
                                   cfg, both=False, fmt=fmt)
-        normalization = {"mean": float(raw.mean()), "std": float(raw.std()) or 1.0}
+        normalization, n_scored = {"mean": float(raw.mean()), "std": float(raw.std()) or 1.0}, len(samples)
 
     accelerator.wait_for_everyone()
     common.save_trained(accelerator, model, tokenizer, out, "model")
     if accelerator.is_main_process:
         write_json(out / "eval_results.json", eval_metrics)
+        # the statistics' precision: a scorer in another one sees them shifted by its rounding
         write_json(out / NORMALIZATION_FILE, {**normalization, "max_length": cfg.max_length,
-                                              "n_samples": len(pairs) * 2, "prompt_format": cfg.prompt_format})
+                                              "n_samples": n_scored, "prompt_format": cfg.prompt_format,
+                                              "dtype": cfg.dtype, "mixed_precision": accelerator.mixed_precision})
         append_jsonl(out / "metrics.jsonl", {"step": step, **eval_metrics})
     fields.track(accelerator, {"step": step, **eval_metrics})
     fields.finish_tracking(accelerator)
