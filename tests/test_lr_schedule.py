@@ -57,3 +57,33 @@ def test_the_schedule_is_saved_with_the_checkpoint(tmp_path):
     restored = common.warmup_schedule(again, optimizer2, 10)
     again.load_state(str(tmp_path / "ckpt"))
     assert restored.last_epoch == 3 and restored.get_last_lr() == pytest.approx([0.4])
+
+
+def test_a_checkpoint_of_the_prepared_scheduler_layout_resumes(tmp_path):
+    """Checkpoints written while the loops handed their schedule to `accelerator.prepare`
+    (scheduler.bin) resume with the hand-stepped one."""
+    accelerator, model, optimizer = _prepared()
+    old = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10))
+    old = accelerator.prepare(old)
+    for _ in range(3):
+        accelerator.backward(model(torch.ones(2, 4)).sum())
+        optimizer.step()
+        old.step()
+    accelerator.save_state(str(tmp_path / "ckpt"))
+    assert (tmp_path / "ckpt" / "scheduler.bin").exists()
+    again, _, optimizer2 = _prepared()
+    restored = common.warmup_schedule(again, optimizer2, 10)
+    common.load_state(again, tmp_path / "ckpt")
+    assert restored.last_epoch == 3 and restored.get_last_lr() == pytest.approx([0.4])
+
+
+def test_a_checkpoint_without_the_schedule_is_refused_with_its_folder(tmp_path):
+    from prefgym.errors import PrefgymError
+
+    accelerator, model, optimizer = _prepared()
+    accelerator.save_state(str(tmp_path / "ckpt"))  # nothing registered: no schedule in it
+    again, _, optimizer2 = _prepared()
+    common.warmup_schedule(again, optimizer2, 10)
+    with pytest.raises(PrefgymError, match=r"ckpt: this checkpoint does not fit the model being trained "
+                                           r"\(Number of custom checkpoints"):
+        common.load_state(again, tmp_path / "ckpt")

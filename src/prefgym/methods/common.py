@@ -765,15 +765,29 @@ def load_state(accelerator, ckpt_dir: Path) -> None:
     """`accelerator.load_state`, with a PrefgymError naming the folder when the checkpoint's tensors
     do not fit the model (written by an older prefgym whose model had other parameters, e.g. LoRA
     without trainable control-token rows, or with other settings) instead of torch's traceback."""
+    _scheduler_from_older_layout(accelerator, ckpt_dir)
     try:
         accelerator.load_state(str(ckpt_dir))
     except RuntimeError as e:
-        if "state_dict" not in str(e) and "size mismatch" not in str(e):
+        if not any(m in str(e) for m in ("state_dict", "size mismatch", "Number of custom checkpoints")):
             raise
         first = str(e).strip().splitlines()[0][:200]
         raise PrefgymError(f"{ckpt_dir}: this checkpoint does not fit the model being trained ({first}); it was "
                            "written by another prefgym version or other settings: remove it to start over, or "
                            "rerun with --no-resume") from None
+
+
+def _scheduler_from_older_layout(accelerator, ckpt_dir: Path) -> None:
+    """Checkpoints of DPO, KTO, SimPO, online DPO and the reward model written before their schedule
+    was stepped by hand kept it as Accelerate's prepared `scheduler.bin`; it is now the loop's one
+    registered object, `custom_checkpoint_0.pkl` (the same state dict), so such a run resumes."""
+    import shutil
+
+    old, new = ckpt_dir / "scheduler.bin", ckpt_dir / "custom_checkpoint_0.pkl"
+    if old.exists() and not new.exists():
+        if accelerator.is_main_process:
+            shutil.copyfile(old, new)
+        accelerator.wait_for_everyone()
 
 
 def resume_or_start(accelerator, cfg, out: Path, fresh: Sequence[str] = ("metrics.jsonl",)) -> dict | None:
