@@ -443,7 +443,7 @@ def main() -> None:
                   "peak_rss": p["peak_rss_mb"] / t["peak_rss_mb"],
                   "peak_rss_above_libraries": p["peak_rss_above_libraries_mb"] / t["peak_rss_above_libraries_mb"]}
         report["ratios"][method] = ratios
-        aim = "≥ 1.5" if method == "dpo" else "≥ 2"
+        aim = "≥ 1.5"  # both methods, on equal terms (--trl-no-gc) at --hidden 256 --layers 4
         rows = [(f"{unit} (training loop, best)", "samples_per_s", "throughput", aim),
                 (f"{unit} (training loop, median)", "samples_per_s_median", "throughput_median", aim),
                 (f"{unit} per CPU-second (loop)", "samples_per_cpu_s", "throughput_cpu", aim),
