@@ -280,6 +280,18 @@ def test_deepspeed_gradient_accumulation_is_refused_with_a_message(zero2_env):
         _start_tracking(_configs()["dpo"])
 
 
+def test_a_deepspeed_scheduler_section_is_refused_with_a_message(monkeypatch):
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin(hf_ds_config={
+        "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}})
+    with pytest.raises(ConfigError, match=r"DeepSpeed config has a 'scheduler' section \(WarmupLR\); remove it"):
+        fields.fit_deepspeed_config(plugin, _configs()["dpo"])
+    del plugin.deepspeed_config["scheduler"]
+    assert fields.fit_deepspeed_config(plugin, _configs()["dpo"]).deepspeed_config["train_micro_batch_size_per_gpu"] == 6
+
+
 def test_shipped_zero3_config_gathers_the_weights_to_save_and_one_that_does_not_is_refused(monkeypatch):
     for key, value in _launch_env(CONFIGS / "deepspeed_zero3.yaml").items():
         monkeypatch.setenv(key, value)
@@ -483,8 +495,9 @@ METHOD_SCRIPT = textwrap.dedent("""
     ckpt = dict(save_steps=int(os.environ["SAVE_STEPS"])) if "SAVE_STEPS" in os.environ else dict()
     policy, rm, pairs, prompts = str(root / "policy"), str(root / "rm"), str(root / "pairs.jsonl"), str(root / "prompts.jsonl")
     batch = int(os.environ.get("PER_DEVICE_BATCH_SIZE", "2"))
+    # warmup_steps: the hand-stepped schedule must reach the optimizer DeepSpeed steps
     pref = dict(model_name_or_path=policy, preference_file=pairs, per_device_batch_size=batch, grad_accum=2, epochs=1,
-                lr=1e-2, max_length=64, output_dir=out, **lora)
+                lr=1e-2, max_length=64, output_dir=out, warmup_steps=3, **lora)
     rl = dict(policy_model=policy, reward_model=rm, prompt_file=prompts, steps=2, lr=1e-2, max_new_tokens=4,
               max_prompt_length=48, missing_eos_penalty=None, output_dir=out, **lora, **ckpt)
     if method == "sft":

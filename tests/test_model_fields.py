@@ -237,3 +237,11 @@ def test_pair_logps_without_the_cache_equal_the_cached_ones(tiny):
         torch.testing.assert_close(a, b.detach(), atol=1e-4, rtol=1e-5)
     (uncached[0].sum() - uncached[1].sum()).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_resolved_dtype_names_what_auto_loads():
+    from prefgym.methods import fields
+    from prefgym.models.loading import auto_dtype
+
+    assert fields.resolved_dtype("auto") == {torch.bfloat16: "bfloat16", torch.float32: "float32"}[auto_dtype()]
+    assert [fields.resolved_dtype(d) for d in ("float32", "bfloat16", "float16")] == ["float32", "bfloat16", "float16"]

@@ -179,7 +179,7 @@ from prefgym.methods import reward_model
 from test_prefdata_toy import toy_pairs
 cfg = reward_model.RewardModelConfig(model_name_or_path={sft!r}, output_dir=sys.argv[1], lr=3e-3, epochs=1,
                                      per_device_batch_size=int(sys.argv[2]), max_length=64, resume=False,
-                                     eval_fraction=0.25, seed=1)
+                                     eval_fraction=0.25, seed=1, warmup_steps=3)
 reward_model.train(cfg, records=toy_pairs(40, seed=5, ties=True))
 """
 

@@ -131,6 +131,16 @@ def check_model_fields(cfg) -> None:
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
 
+def resolved_dtype(dtype: str) -> str:
+    """The weights dtype a `dtype` field loads: "auto" is bfloat16 where the device computes in it
+    (an Ampere GPU, a CPU with AMX), else float32."""
+    if dtype != "auto":
+        return dtype
+    from prefgym.models.loading import auto_dtype
+
+    return str(auto_dtype()).removeprefix("torch.")
+
+
 def check_mixed_precision(mixed_precision: str, dtype: str) -> None:
     """ConfigError naming the key for an unknown mixed precision, or one that cannot train the weights
     `dtype` loads: fp16 needs float32 weights (its gradient scaler refuses fp16 gradients; bf16
@@ -142,11 +152,7 @@ def check_mixed_precision(mixed_precision: str, dtype: str) -> None:
     refused = {"fp16": ("float16", "bfloat16"), "bf16": ("float16",), "no": ()}[mixed_precision]
     if not refused:
         return
-    weights = dtype
-    if dtype == "auto":  # bfloat16 where the device computes in it (an Ampere GPU, a CPU with AMX), else float32
-        from prefgym.models.loading import auto_dtype
-
-        weights = str(auto_dtype()).removeprefix("torch.")
+    weights = resolved_dtype(dtype)
     if weights in refused:
         shown = dtype if weights == dtype else f"{dtype} ({weights} here)"
         raise ConfigError(f"key 'mixed_precision': {mixed_precision} with dtype {shown} weights does not train; "
@@ -301,6 +307,10 @@ def fit_deepspeed_config(plugin, cfg):
     if gas not in (1, "auto"):
         raise ConfigError(f"DeepSpeed gradient_accumulation_steps is {gas!r}; set it to 1 (or auto) and use the "
                           "method's grad_accum: prefgym accumulates micro-batches itself")
+    if "scheduler" in config:  # Accelerate refuses it only for a scheduler passed to `prepare`
+        raise ConfigError(f"DeepSpeed config has a 'scheduler' section ({config['scheduler'].get('type', '?')}); "
+                          "remove it: prefgym's loops step their own learning-rate schedule (the method's "
+                          "warmup_steps, SFT's lr_scheduler), which DeepSpeed's would fight")
     values = {"train_micro_batch_size_per_gpu": micro_batch_size(cfg), "train_batch_size": "auto",
               "gradient_accumulation_steps": 1, "gradient_clipping": float(getattr(cfg, "max_grad_norm", 0.0) or 0.0)}
     for key, value in values.items():

@@ -253,7 +253,8 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
         # the statistics' precision: a scorer in another one sees them shifted by its rounding
         write_json(out / NORMALIZATION_FILE, {**normalization, "max_length": cfg.max_length,
                                               "n_samples": n_scored, "prompt_format": cfg.prompt_format,
-                                              "dtype": cfg.dtype, "mixed_precision": accelerator.mixed_precision})
+                                              "dtype": fields.resolved_dtype(cfg.dtype),
+                                              "mixed_precision": accelerator.mixed_precision})
         append_jsonl(out / "metrics.jsonl", {"step": step, **eval_metrics})
     fields.track(accelerator, {"step": step, **eval_metrics})
     fields.finish_tracking(accelerator)
