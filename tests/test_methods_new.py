@@ -375,3 +375,32 @@ def test_resume_after_crash_equals_uninterrupted(toy, method, monkeypatch):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
     assert [r["step"] for r in metrics_of(resumed)] == [1, 2, 3, 4]
+
+
+SIMPO_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from prefgym.methods import simpo
+from test_prefdata_toy import toy_pairs
+cfg = simpo.SimPOConfig(model_name_or_path={sft!r}, output_dir=sys.argv[1], lr=3e-3, epochs=1, beta=2.0, gamma=0.5,
+                        per_device_batch_size=int(sys.argv[2]), max_length=64, resume=False, warmup_steps=3)
+simpo.train(cfg, records=toy_pairs(32, seed=3))
+"""
+
+
+@pytest.mark.slow
+def test_simpo_two_processes_match_one(toy, tmp_path):
+    """The loop SimPO and KTO share, on 1 and 2 processes: the same weights and one warmup (a
+    schedule stepped once per process would end it after 2 steps on 2)."""
+    import os
+
+    from test_dpo import train_with_one_and_two_processes
+
+    root, sft, _ = toy
+    script = tmp_path / "run_simpo.py"
+    script.write_text(SIMPO_SCRIPT.format(tests=os.path.dirname(__file__), sft=str(sft)))
+    one, two = train_with_one_and_two_processes(script, tmp_path, 8, 4)
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=2e-5, rtol=1e-4)
+    m1, m2 = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
+    assert [m["lr"] for m in m2] == [m["lr"] for m in m1] == pytest.approx([3e-3 * min(1, k / 3) for k in (2, 3, 4, 5)])
