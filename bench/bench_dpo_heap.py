@@ -159,19 +159,19 @@ def main() -> None:
             print(f"repeat {r + 1}/{args.repeats} {allocator:<14} peak RSS "
                   f"{runs[allocator][-1]['peak']['rss_mb']:6.0f} MiB, {runs[allocator][-1]['timed_cpu_s']:6.2f} CPU-s",
                   flush=True)
+    best = {allocator: min(rs, key=lambda x: x["peak"]["rss_mb"]) for allocator, rs in runs.items()}
     summary = {}
     for allocator, rs in runs.items():
-        best = min(rs, key=lambda x: x["peak"]["rss_mb"])
-        summary[allocator] = {"peak_rss_mb": best["peak"]["rss_mb"], "peak": best["peak"],
+        summary[allocator] = {"peak_rss_mb": best[allocator]["peak"]["rss_mb"], "peak": best[allocator]["peak"],
                               "timed_cpu_s": min(x["timed_cpu_s"] for x in rs),
                               "peak_rss_mb_all": [x["peak"]["rss_mb"] for x in rs],
                               "timed_cpu_s_all": [x["timed_cpu_s"] for x in rs],
-                              "rss_after_step_mb": best["rss_after_step_mb"]}
+                              "rss_after_step_mb": best[allocator]["rss_after_step_mb"]}
     base = summary.get("default")
     if base:
         for s in summary.values():
             s["cpu_vs_default"] = s["timed_cpu_s"] / base["timed_cpu_s"]
-    default_run = min(runs["default"], key=lambda x: x["peak"]["rss_mb"]) if "default" in runs else None
+    default_run = best.get("default")
     report = {"command": "python bench/bench_dpo_heap.py " + " ".join(sys.argv[1:]),
               "settings": {k: v for k, v in vars(args).items() if k != "allocator"} | {"out": str(args.out)},
               "libraries": default_run["libraries"] if default_run else None,

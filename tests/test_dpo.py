@@ -290,6 +290,16 @@ def train_with_one_and_two_processes(script, out_dir, batch_one: int, batch_two:
     return load_file(out_dir / "one" / "model.safetensors"), load_file(out_dir / "two" / "model.safetensors")
 
 
+def assert_two_processes_match_one(script, out_dir, batch_one: int, batch_two: int, atol: float, rtol: float):
+    """`train_with_one_and_two_processes`, then the two saved models agree to (atol, rtol); returns
+    both runs' metrics.jsonl rows (one process's, two processes')."""
+    one, two = train_with_one_and_two_processes(script, out_dir, batch_one, batch_two)
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=atol, rtol=rtol)
+    return [[json.loads(l) for l in (out_dir / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("one", "two")]
+
+
 DPO_SCRIPT = textwrap.dedent("""
     import sys, json
     sys.path.insert(0, {tests!r})
@@ -306,11 +316,7 @@ def test_dpo_two_processes_match_one(toy, tmp_path):
     root, sft, _ = toy
     script = tmp_path / "run_dpo.py"
     script.write_text(DPO_SCRIPT.format(tests=os.path.dirname(__file__), sft=str(sft)))
-    one, two = train_with_one_and_two_processes(script, tmp_path, 8, 4)
-    for k in one:
-        torch.testing.assert_close(one[k], two[k], atol=2e-5, rtol=1e-4)
-    m1 = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    m2 = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    m1, m2 = assert_two_processes_match_one(script, tmp_path, 8, 4, atol=2e-5, rtol=1e-4)
     assert [round(m["loss"], 4) for m in m1] == [round(m["loss"], 4) for m in m2]
     # one warmup on any number of processes (a scheduler passed to `accelerator.prepare` would step
     # once per process: the warmup over after 2 steps on 2)

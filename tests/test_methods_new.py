@@ -394,13 +394,10 @@ def test_simpo_two_processes_match_one(toy, tmp_path):
     schedule stepped once per process would end it after 2 steps on 2)."""
     import os
 
-    from test_dpo import train_with_one_and_two_processes
+    from test_dpo import assert_two_processes_match_one
 
     root, sft, _ = toy
     script = tmp_path / "run_simpo.py"
     script.write_text(SIMPO_SCRIPT.format(tests=os.path.dirname(__file__), sft=str(sft)))
-    one, two = train_with_one_and_two_processes(script, tmp_path, 8, 4)
-    for k in one:
-        torch.testing.assert_close(one[k], two[k], atol=2e-5, rtol=1e-4)
-    m1, m2 = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
+    m1, m2 = assert_two_processes_match_one(script, tmp_path, 8, 4, atol=2e-5, rtol=1e-4)
     assert [m["lr"] for m in m2] == [m["lr"] for m in m1] == pytest.approx([3e-3 * min(1, k / 3) for k in (2, 3, 4, 5)])

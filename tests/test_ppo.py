@@ -210,15 +210,12 @@ PPO_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_ppo_two_processes_match_one(toy_rm, tmp_path):
-    from test_dpo import train_with_one_and_two_processes
+    from test_dpo import assert_two_processes_match_one
 
     root, sft, rm = toy_rm
     script = tmp_path / "run_ppo.py"
     script.write_text(PPO_SCRIPT.format(tests=os.path.dirname(__file__), sft=str(sft), rm=str(rm)))
-    one, two = train_with_one_and_two_processes(script, tmp_path, 8, 4)
-    for k in one:
-        torch.testing.assert_close(one[k], two[k], atol=1e-4, rtol=1e-3)
-    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    m1, m2 = assert_two_processes_match_one(script, tmp_path, 8, 4, atol=1e-4, rtol=1e-3)
     for a, b in zip(m1, m2):
         assert a["episodes"] == b["episodes"]  # really 2 processes × 4 prompts
         for key in ("score", "kl", "response_length", "pg_loss", "vf_loss"):

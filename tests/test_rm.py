@@ -188,14 +188,12 @@ reward_model.train(cfg, records=toy_pairs(40, seed=5, ties=True))
 def test_reward_model_two_processes_match_one(tmp_path):
     import os
 
-    from test_dpo import train_with_one_and_two_processes
+    from test_dpo import assert_two_processes_match_one
 
     sft = make_toy_model(tmp_path / "sft")
     script = tmp_path / "run_rm.py"
     script.write_text(RM_SCRIPT.format(tests=os.path.dirname(__file__), sft=str(sft)))
-    one, two = train_with_one_and_two_processes(script, tmp_path, 10, 5)
-    for k in one:
-        torch.testing.assert_close(one[k], two[k], atol=2e-5, rtol=1e-4)
+    assert_two_processes_match_one(script, tmp_path, 10, 5, atol=2e-5, rtol=1e-4)
     n1 = json.loads((tmp_path / "one" / "reward_normalization.json").read_text())
     n2 = json.loads((tmp_path / "two" / "reward_normalization.json").read_text())
     assert n1["mean"] == pytest.approx(n2["mean"], abs=1e-4) and n1["std"] == pytest.approx(n2["std"], abs=1e-4)

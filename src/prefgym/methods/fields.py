@@ -132,13 +132,11 @@ MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
 
 def resolved_dtype(dtype: str) -> str:
-    """The weights dtype a `dtype` field loads: "auto" is bfloat16 where the device computes in it
-    (an Ampere GPU, a CPU with AMX), else float32."""
-    if dtype != "auto":
-        return dtype
-    from prefgym.models.loading import auto_dtype
+    """The name of the weights dtype a `dtype` field loads (`loading.resolve_dtype`: "auto" is
+    bfloat16 where the device computes in it, an Ampere GPU or a CPU with AMX, else float32)."""
+    from prefgym.models.loading import resolve_dtype
 
-    return str(auto_dtype()).removeprefix("torch.")
+    return str(resolve_dtype(dtype)).removeprefix("torch.")
 
 
 def check_mixed_precision(mixed_precision: str, dtype: str) -> None:
