@@ -106,7 +106,9 @@ def test_gradient_accumulation_gives_the_same_steps(llama, tmp_path):
         assert curve == pytest.approx(curves[0], rel=1e-5)
     ref = _weights(runs[0])
     for out in runs[1:]:
-        assert all(torch.allclose(ref[k], v, atol=1e-5) for k, v in _weights(out).items())
+        # 1.2e-5 apart at most on some CPUs (batch 1 vs 4: other kernels round otherwise, and Adam at
+        # lr 1e-2 turns a near-zero gradient's rounding into a full step)
+        assert all(torch.allclose(ref[k], v, atol=3e-5) for k, v in _weights(out).items())
 
 
 def test_bf16_mixed_precision_trains_and_leaves_no_setting_behind(llama, tmp_path):

@@ -29,7 +29,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from prefgym.errors import ConfigError, DataError, PrefgymError
 from prefgym.models import generation
-from prefgym.io import write_json
+from prefgym.io import atomic_path, write_json
 
 # ---------------------------------------------------------------------------------------------
 # Configs
@@ -765,7 +765,7 @@ def load_state(accelerator, ckpt_dir: Path) -> None:
     """`accelerator.load_state`, with a PrefgymError naming the folder when the checkpoint's tensors
     do not fit the model (written by an older prefgym whose model had other parameters, e.g. LoRA
     without trainable control-token rows, or with other settings) instead of torch's traceback."""
-    _scheduler_from_older_layout(accelerator, ckpt_dir)
+    migrated = _scheduler_from_older_layout(accelerator, ckpt_dir)
     try:
         accelerator.load_state(str(ckpt_dir))
     except RuntimeError as e:
@@ -775,19 +775,43 @@ def load_state(accelerator, ckpt_dir: Path) -> None:
         raise PrefgymError(f"{ckpt_dir}: this checkpoint does not fit the model being trained ({first}); it was "
                            "written by another prefgym version or other settings: remove it to start over, or "
                            "rerun with --no-resume") from None
+    if migrated:
+        _reapply_schedules(accelerator)
 
 
-def _scheduler_from_older_layout(accelerator, ckpt_dir: Path) -> None:
+def _scheduler_from_older_layout(accelerator, ckpt_dir: Path) -> bool:
     """Checkpoints of DPO, KTO, SimPO, online DPO and the reward model written before their schedule
     was stepped by hand kept it as Accelerate's prepared `scheduler.bin`; it is now the loop's one
-    registered object, `custom_checkpoint_0.pkl` (the same state dict), so such a run resumes."""
-    import shutil
+    registered object, `custom_checkpoint_0.pkl` (the same state dict), so such a run resumes.
 
+    Accelerate's prepared scheduler advanced once per process at every step, so a checkpoint written
+    on N processes (one `random_states_<rank>.pkl` each) holds N times the steps taken: the position
+    is divided by N. The optimizer's saved learning rate came from that position too: the caller
+    re-applies the schedule once loaded (`_reapply_schedules`). Returns whether it migrated."""
     old, new = ckpt_dir / "scheduler.bin", ckpt_dir / "custom_checkpoint_0.pkl"
-    if old.exists() and not new.exists():
-        if accelerator.is_main_process:
-            shutil.copyfile(old, new)
-        accelerator.wait_for_everyone()
+    if not old.exists() or new.exists():
+        return False
+    if accelerator.is_main_process:
+        state = torch.load(old, weights_only=True)
+        n_old = max(1, len(list(ckpt_dir.glob("random_states_*.pkl"))))
+        if n_old > 1 and "last_epoch" in state:
+            state["last_epoch"] //= n_old
+            state["_step_count"] = state["last_epoch"] + 1
+        with atomic_path(new) as tmp:
+            torch.save(state, tmp)
+    accelerator.wait_for_everyone()
+    return True
+
+
+def _reapply_schedules(accelerator) -> None:
+    """Set each registered LambdaLR's learning rates (and its optimizer's) from its restored position,
+    as its last step would have: an identity for a checkpoint the schedule itself wrote."""
+    for obj in accelerator._custom_objects:
+        if isinstance(obj, torch.optim.lr_scheduler.LambdaLR):
+            lrs = [base * f(obj.last_epoch) for base, f in zip(obj.base_lrs, obj.lr_lambdas)]
+            for group, lr in zip(obj.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            obj._last_lr = lrs
 
 
 def resume_or_start(accelerator, cfg, out: Path, fresh: Sequence[str] = ("metrics.jsonl",)) -> dict | None:
@@ -849,11 +873,14 @@ def warmup_schedule(accelerator, optimizer, warmup_steps: int):
     return scheduler
 
 
-def step_scheduler(accelerator, scheduler) -> None:
+def step_scheduler(accelerator, scheduler) -> float:
     """Advance a hand-stepped scheduler after an optimizer step, unless the fp16 loss scaler skipped
-    that step (inf/NaN gradients), as Accelerate's prepared schedulers do."""
+    that step (inf/NaN gradients), as Accelerate's prepared schedulers do. Returns the learning
+    rate the step just taken used: the one every loop logs as `lr` in that step's metrics row."""
+    lr = scheduler.get_last_lr()[0]
     if not accelerator.optimizer_step_was_skipped:
         scheduler.step()
+    return lr
 
 
 def end_training(accelerator) -> None:

@@ -355,13 +355,13 @@ def train(cfg: DPOConfig, records: list[dict] | None = None) -> Path:
                                           (chosen_r > rejected_r).float().mean(),
                                           (chosen_r - rejected_r).mean(), pc.mean().detach(), pr.mean().detach()]))
             optimizer.step()
-            common.step_scheduler(accelerator, scheduler)
+            lr = common.step_scheduler(accelerator, scheduler)
             optimizer.zero_grad()
             step += 1
             s = accelerator.reduce(torch.stack(stats).mean(0), "mean").tolist()
             metrics = {"step": step, "epoch": epoch, "loss": s[0], "rewards/chosen": s[1], "rewards/rejected": s[2],
                        "rewards/accuracies": s[3], "rewards/margins": s[4], "logps/chosen": s[5],
-                       "logps/rejected": s[6], "lr": scheduler.get_last_lr()[0],
+                       "logps/rejected": s[6], "lr": lr,
                        "elapsed_s": round(time.time() - t0, 2)}
             if accelerator.is_main_process:
                 append_jsonl(out / "metrics.jsonl", metrics)

@@ -263,7 +263,7 @@ def train(cfg: OnlineDPOConfig, prompts: list[dict] | None = None) -> Path:
                         cfg, device)
                     accelerator.backward(losses.mean())
                     optimizer.step()
-                    common.step_scheduler(accelerator, scheduler)
+                    lr = common.step_scheduler(accelerator, scheduler)
                     optimizer.zero_grad()
                     step += 1
                     metrics = {"step": step, "round": r, "loss": losses.mean().item(),
@@ -271,7 +271,7 @@ def train(cfg: OnlineDPOConfig, prompts: list[dict] | None = None) -> Path:
                                "rewards/accuracies": (chosen_r > rejected_r).float().mean().item(),
                                "rewards/margins": (chosen_r - rejected_r).mean().item(),
                                "labels": totals["labels"], "label_price": totals["price"],
-                               "label_seconds": totals["seconds"], "lr": scheduler.get_last_lr()[0],
+                               "label_seconds": totals["seconds"], "lr": lr,
                                "elapsed_s": round(time.time() - t0, 2)}
                     append_jsonl(out / "metrics.jsonl", metrics)
                     fields.track(accelerator, metrics)

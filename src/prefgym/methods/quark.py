@@ -351,7 +351,7 @@ def train(cfg: QuarkConfig) -> Path:
 
             # 4. Train on seeded batches of the pool; each process takes its slice of the global batch.
             policy.train()
-            stats = []
+            stats, lr = [], scheduler.get_last_lr()[0]
             for step in range(cfg.steps_per_iteration):
                 rng = rng_for(cfg.seed, "quark-batch", it, step)
                 idx = train_ids[rng.choice(len(train_ids), size=global_batch, replace=len(train_ids) < global_batch)]
@@ -368,7 +368,7 @@ def train(cfg: QuarkConfig) -> Path:
                 if cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
                 optimizer.step()
-                common.step_scheduler(accelerator, scheduler)
+                lr = common.step_scheduler(accelerator, scheduler)
                 optimizer.zero_grad(set_to_none=True)
 
             # 5. Metrics, then the checkpoint (pool file first: the checkpoint says how much of it counts).
@@ -377,7 +377,7 @@ def train(cfg: QuarkConfig) -> Path:
                    "best_quantile_reward": float(np.mean([p["reward"] for p, q in zip(pool, quantiles) if q == 0])),
                    **{k: accelerator.reduce(torch.tensor(float(np.mean([s[k] for s in stats]))), "mean").item()
                       for k in ("loss", "nll", "kl", "entropy")},
-                   "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 2)}
+                   "lr": lr, "seconds": round(time.perf_counter() - t0, 2)}
             fields.track(accelerator, row, step=it + 1)
             if accelerator.is_main_process:
                 append_jsonl(metrics_file, row)

@@ -208,14 +208,14 @@ def train(cfg: RewardModelConfig, records: list[dict] | None = None) -> Path:
                 losses.append(loss.detach())
                 hits += torch.tensor(accuracy_counts(s1.detach(), s2.detach(), target), dtype=torch.float)
             optimizer.step()
-            common.step_scheduler(accelerator, scheduler)
+            lr = common.step_scheduler(accelerator, scheduler)
             optimizer.zero_grad()
             step += 1
             correct, decided = accelerator.reduce(hits.to(accelerator.device), "sum").tolist()
             metrics = {"step": step, "epoch": epoch,
                        "loss": accelerator.reduce(torch.stack(losses).mean(), "mean").item(),
                        "accuracy": correct / decided if decided else float("nan"),
-                       "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 2)}
+                       "lr": lr, "elapsed_s": round(time.time() - t0, 2)}
             if accelerator.is_main_process:
                 append_jsonl(out / "metrics.jsonl", metrics)
             fields.track(accelerator, metrics)

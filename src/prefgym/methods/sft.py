@@ -199,9 +199,8 @@ def train_sft(cfg: SFTConfig, records: list[dict] | None = None, trainable_token
                 loss_sum += ce_sum.detach()
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
             optimizer.step()
-            step_scheduler(accelerator, scheduler)
+            lr = step_scheduler(accelerator, scheduler)
             optimizer.zero_grad(set_to_none=True)
             loss = accelerator.reduce(loss_sum, "sum").item() / max(step_targets, 1)
             total_tokens += step_tokens

@@ -170,12 +170,12 @@ def train_on_examples(cfg, name: str, accelerator, model: PairLogps, tokenizer, 
                     accelerator.backward(losses.mean() / cfg.grad_accum)
                 stats.append(torch.stack([losses.mean().detach(), *[v.detach().float() for v in micro_stats.values()]]))
             optimizer.step()
-            common.step_scheduler(accelerator, scheduler)
+            lr = common.step_scheduler(accelerator, scheduler)
             optimizer.zero_grad()
             step += 1
             s = accelerator.reduce(torch.stack(stats).mean(0), "mean").tolist()
             metrics = {"step": step, "epoch": epoch, **dict(zip(["loss", *micro_stats], s)),
-                       "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 2)}
+                       "lr": lr, "elapsed_s": round(time.time() - t0, 2)}
             if accelerator.is_main_process:
                 append_jsonl(out / "metrics.jsonl", metrics)
             fields.track(accelerator, metrics)
