@@ -181,7 +181,7 @@ def test_auto_needs_a_cuda_device(fake_vllm, monkeypatch):
     assert vllm_engine.resolve_engine("auto") == "vllm"
 
 
-@pytest.mark.parametrize("version", ["0.16.2", "0.26.0", "0.8.5"])
+@pytest.mark.parametrize("version", ["0.16.2", "0.32.0", "0.8.5"])
 def test_vllm_outside_the_supported_range_is_refused(fake_vllm, monkeypatch, version, tiny):
     monkeypatch.setattr(fake_vllm, "__version__", version)
     with pytest.raises(ConfigError, match=rf"vllm {version} is installed.*0\.17\.0 to 0\.25\.1"):
@@ -190,7 +190,7 @@ def test_vllm_outside_the_supported_range_is_refused(fake_vllm, monkeypatch, ver
     assert vllm_engine.resolve_engine("auto") == "hf"  # auto falls back
 
 
-@pytest.mark.parametrize("version", ["0.17.0", "0.25.1", "0.25.1+cu129", "0.20.1"])
+@pytest.mark.parametrize("version", ["0.17.0", "0.25.1", "0.26.0", "0.31.0", "0.31.0+cu129", "0.20.1"])
 def test_vllm_inside_the_range_is_accepted(version):
     vllm_engine.check_vllm_version(version)
 

@@ -42,11 +42,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-VLLM_VERSIONS = ("0.17.0", "0.25.1")
+VLLM_VERSIONS = ("0.17.0", "0.31.0")
 """The vllm versions the engine supports, both included (pyproject's `vllm` extra says the same):
 those TRL's colocated engine, which makes the same calls (`LLM(..., distributed_executor_backend=
 "external_launcher")`, per-request `SamplingParams`, `model_runner.model.load_weights`,
-`reset_prefix_cache`), is tested against."""
+`reset_prefix_cache`), is tested against: 0.17.0 to 0.25.1 by TRL 1.9.0, 0.22.0 to 0.31.0 by
+TRL 1.16.0."""
 INSTALL = "pip install 'prefgym[vllm]'"
 ENGINES = ("hf", "vllm", "auto")
 
