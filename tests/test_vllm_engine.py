@@ -184,7 +184,7 @@ def test_auto_needs_a_cuda_device(fake_vllm, monkeypatch):
 @pytest.mark.parametrize("version", ["0.16.2", "0.32.0", "0.8.5"])
 def test_vllm_outside_the_supported_range_is_refused(fake_vllm, monkeypatch, version, tiny):
     monkeypatch.setattr(fake_vllm, "__version__", version)
-    with pytest.raises(ConfigError, match=rf"vllm {version} is installed.*0\.17\.0 to 0\.25\.1"):
+    with pytest.raises(ConfigError, match=rf"vllm {version} is installed.*0\.17\.0 to 0\.31\.0"):
         vllm_engine.VLLMEngine(tiny[0])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert vllm_engine.resolve_engine("auto") == "hf"  # auto falls back
