@@ -100,9 +100,16 @@ def test_a_prepared_scheduler_checkpoint_of_two_processes_resumes_at_the_steps_t
     restored = common.warmup_schedule(again, optimizer2, 10)
     common.load_state(again, tmp_path / "ckpt")
     assert restored.last_epoch == 3 and restored.get_last_lr() == pytest.approx([0.4])
+    assert restored.state_dict()["_step_count"] == 4
     assert optimizer2.param_groups[0]["lr"] == pytest.approx(0.4)  # the optimizer's saved 0.7 re-derived
     common.step_scheduler(again, restored)
     assert optimizer2.param_groups[0]["lr"] == pytest.approx(0.5)
+    # a crash before the next save: the same folder, now migrated, resumes the same way again
+    third, _, optimizer3 = _prepared()
+    restored3 = common.warmup_schedule(third, optimizer3, 10)
+    common.load_state(third, tmp_path / "ckpt")
+    assert restored3.last_epoch == 3 and restored3.get_last_lr() == pytest.approx([0.4])
+    assert optimizer3.param_groups[0]["lr"] == pytest.approx(0.4)
 
 
 def test_a_checkpoint_without_the_schedule_is_refused_with_its_folder(tmp_path):

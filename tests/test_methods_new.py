@@ -295,12 +295,13 @@ def test_simpo_learns_the_toy_preference(toy):
 def test_kto_learns_from_pairs_and_unpaired_rows(toy):
     root, sft, pairs = toy
     cfg = kto.KTOConfig(model_name_or_path=str(sft), output_dir=str(root / "kto"), lr=3e-3, epochs=3,
-                        per_device_batch_size=16, max_length=64, beta=0.5)
+                        per_device_batch_size=16, max_length=64, beta=0.5, warmup_steps=2)
     unpaired = [{**p, "output": o, "label": toy_quality(o) > 0} for p in toy_prompts(16, seed=9)
                 for o in ("good very good", "bad is bad")]
     out = kto.train(cfg, records=pairs, unpaired=unpaired)
     m = metrics_of(out)
     assert m[0]["loss"] == pytest.approx(0.5, abs=1e-3)  # π == π_ref: every term is 1 - σ(0)
+    assert [r["lr"] for r in m[:3]] == pytest.approx([1.5e-3, 3e-3, 3e-3])  # the rate each step used
     assert m[-1]["loss"] < m[0]["loss"] - 0.02
     assert m[-1]["rewards/desirable"] > m[-1]["rewards/undesirable"]
     assert torch.load(out / "reference_logps.pt").shape == (2 * len(pairs) + len(unpaired), 2)

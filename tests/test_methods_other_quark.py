@@ -87,11 +87,14 @@ def test_quark_pool_grows_and_model_saves_with_its_token(models, tmp_path):
 
     write_jsonl(tmp_path / "prompts.jsonl", RECORDS)
     # rewards from the reward model alone (the random policy rarely emits EOS in 5 tokens)
-    out = quark.train(_cfg(models, tmp_path / "q", tmp_path / "prompts.jsonl", missing_eos_penalty=None))
+    out = quark.train(_cfg(models, tmp_path / "q", tmp_path / "prompts.jsonl", missing_eos_penalty=None,
+                           warmup_steps=4))
     pool = read_records(out / quark.POOL_FILE)
     assert [p["iteration"] for p in pool] == [0] * 4 + [1] * 4
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["pool_size"] for m in metrics] == [4, 8]
+    # an iteration's row logs the rate its last step used (2 steps an iteration, 4-step warmup)
+    assert [m["lr"] for m in metrics] == pytest.approx([1e-2 * 2 / 4, 1e-2])
     assert all(m["kl"] >= 0 for m in metrics)
     # Rollouts are scored by the reward model as plain records (no token in the instruction).
     from prefgym.methods.reward_model import score

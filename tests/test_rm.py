@@ -41,7 +41,7 @@ def trained_rm(tmp_path_factory):
     pairs = toy_pairs(160, seed=1, ties=True)
     cfg = reward_model.RewardModelConfig(model_name_or_path=str(sft), output_dir=str(root / "rm"),
                                          lr=3e-3, epochs=4, per_device_batch_size=16, eval_fraction=0.2,
-                                         max_length=64, save_steps=5)
+                                         max_length=64, save_steps=5, warmup_steps=3)
     path = reward_model.train(cfg, records=pairs)
     return sft, path, pairs
 
@@ -54,6 +54,8 @@ def test_reward_model_learns_toy_preferences(trained_rm):
     metrics = [json.loads(l) for l in (path / "metrics.jsonl").read_text().splitlines()]
     train_losses = [m["loss"] for m in metrics if "loss" in m]
     assert np.mean(train_losses[-3:]) < np.mean(train_losses[:3])
+    # each row logs the rate its step used: a 3-step warmup, then constant
+    assert [m["lr"] for m in metrics if "lr" in m][:5] == pytest.approx([1e-3, 2e-3, 3e-3, 3e-3, 3e-3])
     # the backbone's weights moved away from the SFT model's
     before, after = load_file(sft / "model.safetensors"), load_file(path / "model.safetensors")
     key = "model.layers.0.self_attn.q_proj.weight"

@@ -765,7 +765,7 @@ def load_state(accelerator, ckpt_dir: Path) -> None:
     """`accelerator.load_state`, with a PrefgymError naming the folder when the checkpoint's tensors
     do not fit the model (written by an older prefgym whose model had other parameters, e.g. LoRA
     without trainable control-token rows, or with other settings) instead of torch's traceback."""
-    migrated = _scheduler_from_older_layout(accelerator, ckpt_dir)
+    _scheduler_from_older_layout(accelerator, ckpt_dir)
     try:
         accelerator.load_state(str(ckpt_dir))
     except RuntimeError as e:
@@ -775,23 +775,23 @@ def load_state(accelerator, ckpt_dir: Path) -> None:
         raise PrefgymError(f"{ckpt_dir}: this checkpoint does not fit the model being trained ({first}); it was "
                            "written by another prefgym version or other settings: remove it to start over, or "
                            "rerun with --no-resume") from None
-    if migrated:
-        _reapply_schedules(accelerator)
+    _reapply_schedules(accelerator)
 
 
-def _scheduler_from_older_layout(accelerator, ckpt_dir: Path) -> bool:
+def _scheduler_from_older_layout(accelerator, ckpt_dir: Path) -> None:
     """Checkpoints of DPO, KTO, SimPO, online DPO and the reward model written before their schedule
     was stepped by hand kept it as Accelerate's prepared `scheduler.bin`; it is now the loop's one
     registered object, `custom_checkpoint_0.pkl` (the same state dict), so such a run resumes.
 
     Accelerate's prepared scheduler advanced once per process at every step, so a checkpoint written
     on N processes (one `random_states_<rank>.pkl` each) holds N times the steps taken: the position
-    is divided by N. The optimizer's saved learning rate came from that position too: the caller
-    re-applies the schedule once loaded (`_reapply_schedules`). Returns whether it migrated."""
+    is divided by N. The optimizer's saved learning rate came from that position too: `load_state`
+    re-applies the schedule once loaded (`_reapply_schedules`), on this resume and any later one.
+    Every process decides before the main one writes, so all of them take the same branch."""
     old, new = ckpt_dir / "scheduler.bin", ckpt_dir / "custom_checkpoint_0.pkl"
-    if not old.exists() or new.exists():
-        return False
-    if accelerator.is_main_process:
+    migrate = old.exists() and not new.exists()
+    accelerator.wait_for_everyone()
+    if migrate and accelerator.is_main_process:
         state = torch.load(old, weights_only=True)
         n_old = max(1, len(list(ckpt_dir.glob("random_states_*.pkl"))))
         if n_old > 1 and "last_epoch" in state:
@@ -800,12 +800,12 @@ def _scheduler_from_older_layout(accelerator, ckpt_dir: Path) -> bool:
         with atomic_path(new) as tmp:
             torch.save(state, tmp)
     accelerator.wait_for_everyone()
-    return True
 
 
 def _reapply_schedules(accelerator) -> None:
     """Set each registered LambdaLR's learning rates (and its optimizer's) from its restored position,
-    as its last step would have: an identity for a checkpoint the schedule itself wrote."""
+    as its last step would have (the same product LambdaLR computes): an identity for a checkpoint
+    the schedule itself wrote, the rate of the steps taken for one migrated from an older layout."""
     for obj in accelerator._custom_objects:
         if isinstance(obj, torch.optim.lr_scheduler.LambdaLR):
             lrs = [base * f(obj.last_epoch) for base, f in zip(obj.base_lrs, obj.lr_lambdas)]
