@@ -163,3 +163,11 @@ def test_command_line_options_and_set_both_reach_the_config(world, tmp_path):
     result = runner.invoke(app, [*base, "--pairs-per-round", "0"])
     assert isinstance(result.exception, ConfigError) and "pairs_per_round must be at least 1" in str(result.exception)
     assert not (tmp_path / "o").exists()
+
+
+def test_each_metrics_row_logs_the_rate_its_step_used(runs):
+    """A 3-step warmup over 2 rounds of 2 steps: lr/3, 2lr/3, lr, lr (not the next step's rate)."""
+    out = runs(2, warmup_steps=3)
+    metrics = read_records(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["lr"] for m in metrics] == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2])
