@@ -787,9 +787,12 @@ def _scheduler_from_older_layout(accelerator, ckpt_dir: Path) -> None:
     on N processes (one `random_states_<rank>.pkl` each) holds N times the steps taken: the position
     is divided by N. The optimizer's saved learning rate came from that position too: `load_state`
     re-applies the schedule once loaded (`_reapply_schedules`), on this resume and any later one.
-    Every process decides before the main one writes, so all of them take the same branch."""
+    No checkpoint the current code writes has `scheduler.bin`, so those skip the barriers; for an old
+    one every process decides before the main one writes, so all of them take the same branch."""
     old, new = ckpt_dir / "scheduler.bin", ckpt_dir / "custom_checkpoint_0.pkl"
-    migrate = old.exists() and not new.exists()
+    if not old.exists():
+        return
+    migrate = not new.exists()
     accelerator.wait_for_everyone()
     if migrate and accelerator.is_main_process:
         state = torch.load(old, weights_only=True)
